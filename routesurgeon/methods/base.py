@@ -1,0 +1,68 @@
+"""The interface every per-step training method implements.
+
+A per-step method turns the task losses of one batch into ``.grad`` on the model's parameters
+(and on its own extra parameters, if it has any). It plugs into the user's loop: call
+``method.backward(losses)`` instead of ``sum(losses).backward()``, then ``optimizer.step()``,
+then ``method.after_step(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class MethodContext(Protocol):
+    """What a method needs to know about the instrumented model (a ``Surgeon`` provides it)."""
+
+    @property
+    def tasks(self) -> list[str]: ...
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that two or more tasks reach (the ones whose gradients conflict)."""
+        ...
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """Parameters only ``task`` reaches."""
+        ...
+
+
+class GradientMethod:
+    """Base class of per-step methods. Subclasses register with ``@register_method(name)``."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, context: MethodContext, **config: Any) -> None:
+        if config:
+            raise TypeError(f"{type(self).__name__} got unknown options: {sorted(config)}")
+        self.context = context
+        self.tasks = list(context.tasks)
+
+    # -- the step -------------------------------------------------------------------------
+    def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
+        """Accumulate this method's gradient into ``.grad``; return scalars for the history."""
+        raise NotImplementedError
+
+    def after_step(self, losses: Mapping[str, Tensor]) -> None:  # noqa: B027 - optional hook
+        """Called after ``optimizer.step()`` with the step's (detached) losses."""
+
+    # -- extra state ------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """Learnable parameters the method owns (e.g. uncertainty log-variances)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": [p.detach().clone() for p in self.parameters()]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.parameters(), state.get("params", []), strict=True):
+                p.copy_(v)
+
+
+def stack_losses(tasks: Sequence[str], losses: Mapping[str, Tensor]) -> Tensor:
+    """Losses in task order as one 1-D tensor."""
+    return torch.stack([losses[t] for t in tasks])

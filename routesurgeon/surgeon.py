@@ -1,0 +1,207 @@
+"""``instrument`` and the ``Surgeon``: a traced, analysed view of the user's model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from routesurgeon.channels import ChannelGroups, analyse_channels
+from routesurgeon.errors import InputError, ModelChangedError
+from routesurgeon.outputs import OutputSpec, resolve_tasks
+from routesurgeon.shapes import ShapeRecorder, assert_same_outputs
+from routesurgeon.topology import Topology, node_reach
+from routesurgeon.tracing import (
+    TraceResult,
+    bind_inputs,
+    mode,
+    normalize_inputs,
+    preserved,
+    trace,
+)
+
+__all__ = ["Surgeon", "instrument"]
+
+
+class Surgeon(nn.Module):
+    """The user's model, traced and analysed.
+
+    A ``Surgeon`` is an ``nn.Module`` that holds the user's model as ``surgeon.model`` and runs its
+    traced graph, so it returns exactly what the model returns and trains the same parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        traced: TraceResult,
+        outputs: OutputSpec,
+        example_inputs: tuple[tuple[Any, ...], dict[str, Any]],
+        reach: dict[fx.Node, int],
+        groups: ChannelGroups,
+        topology: Topology,
+        timings: dict[str, float],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        # Graphs reference the model's own modules; they are not registered as submodules so the
+        # state dict and parameters are the model's.
+        object.__setattr__(self, "traced", traced)
+        object.__setattr__(self, "outputs", outputs)
+        object.__setattr__(self, "_reach", reach)
+        object.__setattr__(self, "channel_groups", groups)
+        self.topology = topology
+        self.timings = timings
+        self._example_shapes = [
+            tuple(x.shape) for x in [*example_inputs[0], *example_inputs[1].values()]
+            if isinstance(x, torch.Tensor)
+        ]
+        self._fingerprint = _fingerprint(model)
+        self.training = model.training
+
+    # -- what it is --------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        """Task names, in output order."""
+        return list(self.outputs.tasks)
+
+    @property
+    def trace_path(self) -> str:
+        return self.traced.path
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The graph run in the current mode."""
+        return self.traced.train_graph if self.training else self.traced.eval_graph
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.traced.specialized:
+            self._check_shapes(args, kwargs)
+        return self.graph_module(*args, **kwargs)
+
+    def _check_shapes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        shapes = [tuple(x.shape) for x in [*args, *kwargs.values()] if isinstance(x, torch.Tensor)]
+        for got, want in zip(shapes, self._example_shapes):
+            if got[1:] != want[1:]:
+                raise InputError(
+                    f"input shape {got} differs from the example input {want} beyond the batch "
+                    f"dimension, and this model was traced by specialising Python control flow on "
+                    f"the example shape ({self.traced.specializations[0]}). Instrument again with "
+                    f"an example input of this shape."
+                )
+
+    # -- parameters by role ------------------------------------------------------------------
+    def param_tasks(self) -> dict[str, frozenset[str]]:
+        """For each parameter of the model (by name), the tasks it reaches."""
+        gm = self.traced.eval_graph
+        bits: dict[str, int] = {}
+        for n in gm.graph.nodes:
+            b = self._reach.get(n, 0)
+            if n.op == "call_module":
+                for pname, _ in gm.get_submodule(str(n.target)).named_parameters():
+                    key = f"{n.target}.{pname}"
+                    bits[key] = bits.get(key, 0) | b
+            elif n.op == "get_attr":
+                bits[str(n.target)] = bits.get(str(n.target), 0) | b
+        out: dict[str, frozenset[str]] = {}
+        for name, _ in self.model.named_parameters():
+            b = bits.get(name, 0)
+            out[name] = frozenset(t for i, t in enumerate(self.tasks) if b >> i & 1)
+        return out
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Model parameters two or more tasks reach."""
+        named = dict(self.model.named_parameters())
+        return [named[n] for n, ts in self.param_tasks().items() if len(ts) >= 2]
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """Model parameters only ``task`` reaches."""
+        self.topology._check_task(task)
+        named = dict(self.model.named_parameters())
+        return [named[n] for n, ts in self.param_tasks().items() if ts == frozenset([task])]
+
+    # -- safety --------------------------------------------------------------------------------
+    def check_unchanged(self) -> None:
+        """Raise ``ModelChangedError`` if the model's parameters changed structure since tracing."""
+        now = _fingerprint(self.model)
+        if now != self._fingerprint:
+            before, after = dict(self._fingerprint), dict(now)
+            diff = sorted(set(before.items()) ^ set(after.items()))[:5]
+            raise ModelChangedError(
+                f"the model changed after instrumenting (parameters added, removed, replaced or "
+                f"reshaped: {diff}); call routesurgeon.instrument again."
+            )
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}, trace={self.trace_path!r}"
+
+
+def _fingerprint(model: nn.Module) -> tuple[tuple[str, tuple[int, ...], int], ...]:
+    return tuple((n, tuple(p.shape), id(p)) for n, p in model.named_parameters())
+
+
+def _record_shapes(
+    model: nn.Module, gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    bound = bind_inputs(model, args, kwargs)
+    values = [bound.get(str(n.target).lstrip("*")) for n in gm.graph.nodes if n.op == "placeholder"]
+    return ShapeRecorder(gm).run(*values)
+
+
+def instrument(
+    model: nn.Module,
+    example_inputs: Any,
+    tasks: Sequence[str] | Mapping[str, str] | None = None,
+    leaf_modules: Sequence[str | type] = (),
+    verify: bool = True,
+) -> Surgeon:
+    """Trace ``model`` on ``example_inputs`` and analyse how its task outputs share it.
+
+    Args:
+        model: any ``nn.Module`` with one or more tensor outputs. It is not modified.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        tasks: task names (see ``routesurgeon.outputs.resolve_tasks``); default: every output.
+        leaf_modules: module paths or classes to treat as opaque ops.
+        verify: check that the traced graph reproduces the model's outputs on the example.
+    """
+    t0 = time.perf_counter()
+    args, kwargs = normalize_inputs(example_inputs)
+    _check_devices(model, args, kwargs)
+    traced = trace(model, example_inputs, leaf_modules)
+    t1 = time.perf_counter()
+    with preserved(model), torch.no_grad():
+        with mode(model, False):
+            got = _record_shapes(model, traced.eval_graph, args, kwargs)
+            if verify:
+                expected = model(*args, **kwargs)
+                assert_same_outputs(expected, got, "eval mode")
+        if verify and traced.dual:
+            with mode(model, True):
+                state = torch.random.get_rng_state()
+                got = traced.train_graph(*args, **kwargs)
+                torch.random.set_rng_state(state)
+                expected = model(*args, **kwargs)
+                assert_same_outputs(expected, got, "train mode")
+    t2 = time.perf_counter()
+    outputs = resolve_tasks(traced.eval_graph.graph, tasks)
+    if traced.dual:  # the train graph must offer the same outputs
+        resolve_tasks(traced.train_graph.graph, dict(zip(outputs.tasks, outputs.task_outputs)))
+    reach = node_reach(traced.eval_graph.graph, outputs)
+    groups = analyse_channels(traced.eval_graph, reach, outputs)
+    topology = Topology.from_graph(traced.eval_graph, outputs, reach, groups)
+    t3 = time.perf_counter()
+    timings = {"trace": t1 - t0, "verify": t2 - t1, "analyse": t3 - t2, "total": t3 - t0}
+    return Surgeon(model, traced, outputs, (args, kwargs), reach, groups, topology, timings)
+
+
+def _check_devices(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    devices = {p.device for p in model.parameters()}
+    for x in [*args, *kwargs.values()]:
+        if isinstance(x, torch.Tensor) and devices and x.device not in devices:
+            raise InputError(
+                f"example input is on {x.device} but the model's parameters are on "
+                f"{sorted(map(str, devices))}; move them to the same device first"
+            )

@@ -1,0 +1,470 @@
+"""Tracing front-end: turn a user's model into a ``torch.fx.GraphModule`` over the same modules.
+
+Three paths, tried in order until one succeeds (the path taken is recorded):
+
+``fx``
+    ``torch.fx`` symbolic tracing, with timm's leaf modules and autowrapped functions, the user's
+    ``leaf_modules`` and known fixes for segmentation-models-pytorch. The graph is generic in the
+    input shape.
+``fx-concrete``
+    The same tracer, but every proxy also carries the value it takes on the example inputs, so
+    Python control flow on shapes (``if h % 32``, "same" padding, ``len(x)``) evaluates instead of
+    failing. The graph is specialised to the example input shape: the ``Surgeon`` checks later
+    inputs against it. Every specialisation is recorded.
+``fx-concrete+leaf``
+    When a submodule still cannot be traced, it is made a leaf (an opaque call) and tracing is
+    retried. Its parameters stay visible to the analysis as one opaque node; its channels are never
+    pruned.
+
+The graph is traced in train mode and in eval mode; when ``self.training`` changes the graph, both
+are kept and the ``Surgeon`` runs the one matching its mode. Tracing never changes the user's model:
+modes, buffers and module attributes (caches that tracing writes proxies into) are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from routesurgeon.errors import InputError, TracingError
+
+__all__ = ["ExampleInputs", "TraceResult", "bind_inputs", "normalize_inputs", "trace"]
+
+MAX_AUTO_LEAVES = 24
+
+ExampleInputs = Any
+
+
+@dataclass
+class TraceResult:
+    """What tracing produced and how."""
+
+    train_graph: fx.GraphModule
+    eval_graph: fx.GraphModule
+    path: str
+    leaves: list[str] = field(default_factory=list)
+    specializations: list[str] = field(default_factory=list)
+    attempts: list[str] = field(default_factory=list)
+
+    @property
+    def dual(self) -> bool:
+        """True when the model's forward builds a different graph in train and eval mode."""
+        return self.train_graph is not self.eval_graph
+
+    @property
+    def specialized(self) -> bool:
+        return bool(self.specializations)
+
+
+def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``example_inputs`` as ``(args, kwargs)``: a tensor, a tuple/list of args, or a kwargs dict."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise InputError(
+        f"example_inputs must be a Tensor, a tuple of positional inputs or a dict of keyword "
+        f"inputs, got {type(example_inputs).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Leaf modules and autowrapped functions known to other libraries
+# --------------------------------------------------------------------------------------------
+def _library_leaves() -> tuple[set[type], set[Callable[..., Any]]]:
+    leaf_types: set[type] = set()
+    functions: set[Callable[..., Any]] = set()
+    try:
+        from timm.layers import _fx as timm_fx
+
+        leaf_types.update(timm_fx.get_notrace_modules())
+        functions.update(timm_fx.get_notrace_functions())
+    except ImportError:  # timm is optional
+        pass
+    try:  # smp's mix-transformer LayerNorm branches on x.ndim; it is per-channel
+        from segmentation_models_pytorch.encoders import mix_transformer
+
+        ln = getattr(mix_transformer, "LayerNorm", None)
+        if isinstance(ln, type):
+            leaf_types.add(ln)
+    except ImportError:
+        pass
+    return leaf_types, functions
+
+
+@contextlib.contextmanager
+def _library_fixes(model: nn.Module) -> Iterator[None]:
+    """Known, documented fixes that make library models traceable, undone on exit."""
+    changed: list[tuple[nn.Module, str, Any]] = []
+    for m in model.modules():
+        # smp: SegmentationModel.check_input_shape raises from Python on the input size
+        if hasattr(m, "requires_divisible_input_shape") and hasattr(m, "check_input_shape"):
+            changed.append((m, "requires_divisible_input_shape", m.requires_divisible_input_shape))
+            m.requires_divisible_input_shape = False
+    try:
+        yield
+    finally:
+        for m, name, old in changed:
+            setattr(m, name, old)
+
+
+# --------------------------------------------------------------------------------------------
+# Preserving the user's model while tracing
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Restore modes, buffers and plain attributes (e.g. caches tracing filled) on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    attrs: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+    for m in model.modules():
+        plain = {k: v for k, v in m.__dict__.items() if not k.startswith("_")}
+        shallow = {k: copy.copy(v) for k, v in plain.items() if isinstance(v, (dict, list, set))}
+        attrs.append((m, plain, shallow))
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for m, plain, shallow in attrs:
+            for k in [k for k in m.__dict__ if not k.startswith("_") and k not in plain]:
+                del m.__dict__[k]
+            for k, v in plain.items():
+                m.__dict__[k] = v
+                if k in shallow:
+                    container = v
+                    container.clear()
+                    if isinstance(container, dict):
+                        container.update(shallow[k])
+                    elif isinstance(container, list):
+                        container.extend(shallow[k])
+                    else:
+                        container.update(shallow[k])
+
+
+@contextlib.contextmanager
+def mode(model: nn.Module, training: bool) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, md in modes:
+            m.training = md
+
+
+# --------------------------------------------------------------------------------------------
+# The tracer
+# --------------------------------------------------------------------------------------------
+class _Specialized(Exception):
+    pass
+
+
+def _value(x: Any) -> Any:
+    """The example value behind a proxy (concrete tracing only)."""
+    if isinstance(x, fx.proxy.Attribute):
+        return getattr(_value(x.root), x.attr)
+    if isinstance(x, fx.Proxy):
+        return x.node.meta["rs_value"]
+    return x
+
+
+def _values(tree: Any) -> Any:
+    return pytree.tree_map(_value, tree, is_leaf=lambda v: isinstance(v, fx.Proxy))
+
+
+class RouteTracer(fx.Tracer):
+    """``torch.fx`` tracer with library leaves, user leaves and optional concrete values."""
+
+    def __init__(
+        self,
+        leaf_types: Sequence[type] = (),
+        leaf_paths: Sequence[str] = (),
+        autowrap: Sequence[Callable[..., Any]] = (),
+        concrete: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap), param_shapes_constant=True)
+        self.leaf_types = tuple(leaf_types)
+        self.leaf_paths = set(leaf_paths)
+        self.concrete = concrete  # placeholder name -> example value, or None for plain fx
+        self.specializations: list[str] = []
+
+    # -- leaves ------------------------------------------------------------------------------
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:  # type: ignore[override]
+        try:
+            return super().trace(root, concrete_args)
+        except Exception as e:
+            if not hasattr(e, "_rs_module"):  # remember where it failed, for the error message
+                e._rs_module = self.current_module()  # type: ignore[attr-defined]
+            raise
+
+    def current_module(self) -> str:
+        """Qualified name of the innermost module being traced (``''`` for the root)."""
+        stack = list(self.module_stack.values())
+        return stack[-1][0] if stack else ""
+
+    # -- concrete values ---------------------------------------------------------------------
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):  # type: ignore[no-untyped-def]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                     proxy_factory_fn)
+        if self.concrete is not None and kind != "output":
+            proxy.node.meta["rs_value"] = self._compute(kind, target, args, kwargs)
+        return proxy
+
+    def _compute(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        if kind == "placeholder":
+            assert self.concrete is not None
+            name = str(target).lstrip("*")
+            if name in self.concrete:
+                return self.concrete[name]
+            return args[0] if args else None
+        if kind == "get_attr":
+            obj: Any = self.root
+            for part in str(target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        a, kw = _values(args), _values(kwargs)
+        with torch.no_grad(), _unpatched_modules():
+            if kind == "call_function":
+                return target(*a, **kw)
+            if kind == "call_method":
+                return getattr(a[0], target)(*a[1:], **kw)
+            if kind == "call_module":
+                return self.root.get_submodule(target)(*a, **kw)
+        raise AssertionError(kind)
+
+    def _specialize(self, what: str, obj: fx.Proxy) -> Any:
+        if self.concrete is None:
+            raise fx.proxy.TraceError(
+                f"{what} of a traced value in module {self.current_module() or '<root>'!r}"
+            )
+        value = _value(obj)
+        self.specializations.append(f"{self.current_module() or '<root>'}: {what} = {value!r}")
+        return value
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self._specialize("bool", obj))
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        value = self._specialize("iter", obj)
+        return iter([obj[i] for i in range(len(value))])
+
+
+@contextlib.contextmanager
+def _unpatched_modules() -> Iterator[None]:
+    """Run real modules while fx has ``nn.Module.__call__`` patched for tracing."""
+    from torch.fx import _symbolic_trace as st
+
+    patched_call, patched_getattr = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__ = st._orig_module_call  # type: ignore[method-assign]
+    nn.Module.__getattr__ = st._orig_module_getattr  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = patched_call  # type: ignore[method-assign]
+        nn.Module.__getattr__ = patched_getattr  # type: ignore[method-assign]
+
+
+def _install_concrete_dunders() -> None:
+    """Let ``len``/``int``/``float``/``range`` on a proxy specialise under concrete tracing."""
+
+    def make(what: str, conv: Callable[[Any], Any]) -> Callable[[fx.Proxy], Any]:
+        def method(self: fx.Proxy) -> Any:
+            tracer = self.tracer
+            if isinstance(tracer, RouteTracer):
+                return conv(tracer._specialize(what, self))
+            if what == "len":
+                raise RuntimeError("'len' is not supported in symbolic tracing by default.")
+            raise TypeError(f"{what}() of a traced value is not supported by torch.fx")
+
+        return method
+
+    for dunder, what, conv in [
+        ("__len__", "len", len),
+        ("__int__", "int", int),
+        ("__index__", "index", operator.index),
+        ("__float__", "float", float),
+    ]:
+        if not getattr(fx.Proxy, "_rs_" + dunder, False):
+            setattr(fx.Proxy, dunder, make(what, conv))
+            setattr(fx.Proxy, "_rs_" + dunder, True)
+
+
+_install_concrete_dunders()
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing with fallbacks
+# --------------------------------------------------------------------------------------------
+def bind_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    sig = inspect.signature(model.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(
+            f"example inputs do not fit {type(model).__name__}.forward{sig}: {e}"
+        ) from e
+    return dict(bound.arguments)
+
+
+def _concrete_args(bound: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Non-tensor inputs are baked into the graph as constants."""
+    sig = inspect.signature(model.forward)
+    out: dict[str, Any] = {}
+    for name, p in sig.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name in bound and not isinstance(bound[name], torch.Tensor):
+            out[name] = bound[name]
+        elif name not in bound and p.default is not p.empty:
+            out[name] = p.default
+    return out
+
+
+def _trace_once(
+    model: nn.Module,
+    bound: dict[str, Any],
+    leaf_types: Sequence[type],
+    leaf_paths: Sequence[str],
+    autowrap: Sequence[Callable[..., Any]],
+    concrete: bool,
+) -> tuple[fx.GraphModule, RouteTracer]:
+    tracer = RouteTracer(leaf_types, leaf_paths, autowrap, concrete=bound if concrete else None)
+    graph = tracer.trace(model, concrete_args=_concrete_args(bound, model) or None)
+    for node in graph.nodes:  # values are only needed while tracing
+        node.meta.pop("rs_value", None)
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name), tracer
+
+
+@dataclass
+class _Failure:
+    module: str
+    error: BaseException
+    path: str
+
+    def describe(self) -> str:
+        where = self.module or "<root>"
+        return f"{self.path}: in module {where!r}: {type(self.error).__name__}: {self.error}"
+
+
+def _trace_mode(
+    model: nn.Module,
+    bound: dict[str, Any],
+    leaf_types: Sequence[type],
+    user_leaves: Sequence[str],
+    autowrap: Sequence[Callable[..., Any]],
+    auto_leaf: bool,
+    attempts: list[str],
+) -> tuple[fx.GraphModule, str, list[str], list[str]]:
+    """Trace in the model's current mode; returns (graph, path, auto leaves, specialisations)."""
+    leaves: list[str] = list(user_leaves)
+    auto: list[str] = []
+    last: _Failure | None = None
+    plans = [("fx", False), ("fx-concrete", True)]
+    for path, concrete in plans:
+        while True:
+            tracer: RouteTracer | None = None
+            try:
+                with preserved(model), _library_fixes(model):
+                    gm, tracer = _trace_once(model, bound, leaf_types, leaves, autowrap, concrete)
+                label = path + ("+leaf" if auto else "")
+                return gm, label, auto, tracer.specializations
+            except Exception as e:  # any failure of the user's forward under tracing
+                module = _failing_module(e)
+                last = _Failure(module, e, path + ("+leaf" if auto else ""))
+                attempts.append(last.describe())
+                if not (concrete and auto_leaf) or len(auto) >= MAX_AUTO_LEAVES:
+                    break
+                if not module or module in leaves:
+                    break
+                leaves.append(module)
+                auto.append(module)
+    assert last is not None
+    raise _trace_error(model, last, attempts)
+
+
+def _failing_module(e: BaseException) -> str:
+    return getattr(e, "_rs_module", "")
+
+
+def _trace_error(model: nn.Module, failure: _Failure, attempts: list[str]) -> TracingError:
+    where = failure.module or "<root>"
+    mod_type = type(model.get_submodule(failure.module)).__name__ if failure.module else type(
+        model
+    ).__name__
+    tried = "\n  - ".join(attempts[-6:])
+    return TracingError(
+        f"could not trace {type(model).__name__}: module {where!r} ({mod_type}) failed with "
+        f"{type(failure.error).__name__}: {failure.error}\n"
+        f"Paths tried:\n  - {tried}\n"
+        f"What to do: pass leaf_modules=[{where!r}] (or its class) to routesurgeon.instrument to "
+        f"treat it as one opaque op, or make the failing op in {mod_type}.forward traceable "
+        f"(torch.fx.wrap the function that uses Python control flow on tensor values)."
+    )
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    leaf_modules: Sequence[str | type] = (),
+    auto_leaf: bool = True,
+) -> TraceResult:
+    """Trace ``model`` into train- and eval-mode graphs over the same module objects."""
+    if not isinstance(model, nn.Module):
+        raise TracingError(f"expected an nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    bound = bind_inputs(model, args, kwargs)
+    lib_types, autowrap = _library_leaves()
+    user_types = [x for x in leaf_modules if isinstance(x, type)]
+    user_paths = [x for x in leaf_modules if isinstance(x, str)]
+    for p in user_paths:
+        try:
+            model.get_submodule(p)
+        except AttributeError as e:
+            raise TracingError(f"leaf_modules names {p!r}, which is not a submodule") from e
+    leaf_types = [*lib_types, *user_types]
+    attempts: list[str] = []
+    graphs: dict[bool, tuple[fx.GraphModule, str, list[str], list[str]]] = {}
+    for training in (True, False):
+        with mode(model, training):
+            graphs[training] = _trace_mode(
+                model, bound, leaf_types, user_paths, autowrap, auto_leaf, attempts
+            )
+    train_gm, train_path, train_leaves, train_spec = graphs[True]
+    eval_gm, eval_path, eval_leaves, eval_spec = graphs[False]
+    if train_gm.code == eval_gm.code:
+        eval_gm = train_gm
+    paths = train_path if train_path == eval_path else f"{train_path}/{eval_path}"
+    return TraceResult(
+        train_graph=train_gm,
+        eval_graph=eval_gm,
+        path=paths,
+        leaves=sorted(set(train_leaves) | set(eval_leaves)),
+        specializations=train_spec + [s for s in eval_spec if s not in train_spec],
+        attempts=attempts,
+    )
