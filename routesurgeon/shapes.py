@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 
 from routesurgeon.errors import TracingError
 
-__all__ = ["ShapeRecorder", "shape_of", "assert_same_outputs"]
+__all__ = ["ShapeRecorder", "assert_same_outputs", "shape_of"]
 
 
 def _meta(value: Any) -> Any:
@@ -40,8 +40,8 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
 
 def assert_same_outputs(expected: Any, got: Any, what: str) -> float:
     """Raise unless two output structures match; return the largest absolute difference."""
-    e_leaves, e_spec = pytree.tree_flatten(expected)
-    g_leaves, g_spec = pytree.tree_flatten(got)
+    e_leaves, _ = pytree.tree_flatten(expected)
+    g_leaves, _ = pytree.tree_flatten(got)
     if len(e_leaves) != len(g_leaves):
         raise TracingError(f"{what}: the traced graph returns {len(g_leaves)} outputs, the model "
                            f"{len(e_leaves)}")

@@ -12,7 +12,9 @@ from torch import nn
 
 from routesurgeon.channels import ChannelGroups, analyse_channels
 from routesurgeon.errors import InputError, ModelChangedError
+from routesurgeon.export import masked_graph, prune_graph, verify_route
 from routesurgeon.outputs import OutputSpec, resolve_tasks
+from routesurgeon.routes import RouteMask, Scores, route_mask
 from routesurgeon.shapes import ShapeRecorder, assert_same_outputs
 from routesurgeon.topology import Topology, node_reach
 from routesurgeon.tracing import (
@@ -60,6 +62,11 @@ class Surgeon(nn.Module):
             if isinstance(x, torch.Tensor)
         ]
         self._fingerprint = _fingerprint(model)
+        bound = bind_inputs(model, *example_inputs)
+        self._example_values = [
+            bound.get(str(n.target).lstrip("*"))
+            for n in traced.eval_graph.graph.nodes if n.op == "placeholder"
+        ]
         self.training = model.training
 
     # -- what it is --------------------------------------------------------------------------
@@ -134,6 +141,48 @@ class Surgeon(nn.Module):
                 f"the model changed after instrumenting (parameters added, removed, replaced or "
                 f"reshaped: {diff}); call routesurgeon.instrument again."
             )
+
+    # -- routes and export ----------------------------------------------------------------------
+    def example_inputs(self) -> list[Any]:
+        """The example inputs in placeholder order (what exported graphs take)."""
+        return list(self._example_values)
+
+    def route_masks(self, task: str, keep: float | None = 0.5, threshold: float | None = None,
+                    scores: Scores = None) -> RouteMask:
+        """The channels ``task``'s route keeps (see ``routesurgeon.routes``)."""
+        return route_mask(self, task, keep=keep, threshold=threshold, scores=scores)
+
+    def masked(self, task: str, keep: float | None = 0.5, threshold: float | None = None,
+               scores: Scores = None) -> fx.GraphModule:
+        """The full model for ``task`` with the route's dropped channels zeroed (a reference)."""
+        return masked_graph(self, self.route_masks(task, keep, threshold, scores))
+
+    def export_routes(
+        self,
+        keep: float | None = 0.5,
+        threshold: float | None = None,
+        scores: Scores = None,
+        tasks: Sequence[str] | None = None,
+        verify_inputs: Sequence[Any] | None = None,
+        tol: float = 1e-5,
+    ) -> dict[str, fx.GraphModule]:
+        """Per task, a pruned standalone GraphModule, verified against its masked reference."""
+        chosen = list(self.tasks) if tasks is None else list(tasks)
+        for t in chosen:
+            self.topology._check_task(t)
+        inputs = list(verify_inputs) if verify_inputs is not None else self.example_inputs()
+        routes: dict[str, fx.GraphModule] = {}
+        for t in chosen:
+            mask = self.route_masks(t, keep, threshold, scores)
+            route = prune_graph(self, mask)
+            verify_route(route, masked_graph(self, mask), inputs, t, tol)
+            route.meta_route = mask  # type: ignore[assignment]
+            routes[t] = route
+        return routes
+
+    def route_scores(self) -> dict[str, dict[str, Any]] | None:
+        """Learned per-task filter scores (set by training); ``None`` before training."""
+        return getattr(self, "_route_scores", None)
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, trace={self.trace_path!r}"

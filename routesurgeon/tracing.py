@@ -67,7 +67,7 @@ class TraceResult:
 
 
 def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``example_inputs`` as ``(args, kwargs)``: a tensor, a tuple/list of args, or a kwargs dict."""
+    """``example_inputs`` as ``(args, kwargs)``: a tensor, a tuple/list of args or a kwargs dict."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, dict):

@@ -75,11 +75,11 @@ class ChannelGroups:
     def summary(self) -> dict[str, int]:
         sizes = np.bincount(self.labels, minlength=self.n_groups)
         return {
-            "channels": int(len(self.labels)),
+            "channels": len(self.labels),
             "groups": int(self.n_groups),
             "fixed_groups": int(self.fixed.sum()),
             "prunable_channels": int(sizes[~self.fixed].sum()),
-            "shared_prunable_groups": int(len(self.shared_groups())),
+            "shared_prunable_groups": len(self.shared_groups()),
         }
 
 

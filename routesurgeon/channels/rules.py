@@ -26,7 +26,7 @@ from torch import nn
 from routesurgeon.channels.state import AnalysisState, Space
 from routesurgeon.shapes import shape_of
 
-__all__ = ["register_channel_rule", "rule_for", "identity", "opaque"]
+__all__ = ["identity", "opaque", "register_channel_rule", "rule_for"]
 
 Rule = Callable[..., None]
 _MODULE_RULES: dict[type, Rule] = {}
@@ -557,7 +557,7 @@ def _getitem(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     ins = shape_of(src)
     assert ins is not None
     items = list(idx) if isinstance(idx, tuple) else [idx]
-    if any(isinstance(i, fx.Node) or i is Ellipsis and items.count(Ellipsis) > 1 for i in items):
+    if any(isinstance(i, fx.Node) or (i is Ellipsis and items.count(Ellipsis) > 1) for i in items):
         return _fix_out(st, node, s, "indexing with traced values")
     if Ellipsis in items:
         k = items.index(Ellipsis)
@@ -759,7 +759,7 @@ def _batchnorm_function(st: AnalysisState, node: fx.Node) -> None:
 
 
 def _normalizes_channels(st: AnalysisState, node: fx.Node, dims: list[int]) -> None:
-    """Norms whose statistics span ``dims``: channels there are fixed (removal would change them)."""
+    """Norms with statistics over ``dims``: channels there are fixed (removal changes them)."""
     s = st.space(node.args[0])
     rank = _rank(node.args[0])
     if s is None or rank is None:

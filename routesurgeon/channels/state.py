@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch.fx as fx
 
-__all__ = ["Space", "ParamSlice", "AnalysisState"]
+__all__ = ["AnalysisState", "ParamSlice", "Space"]
 
 
 @dataclass(frozen=True)

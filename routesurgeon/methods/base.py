@@ -46,7 +46,7 @@ class GradientMethod:
         """Accumulate this method's gradient into ``.grad``; return scalars for the history."""
         raise NotImplementedError
 
-    def after_step(self, losses: Mapping[str, Tensor]) -> None:  # noqa: B027 - optional hook
+    def after_step(self, losses: Mapping[str, Tensor]) -> None:
         """Called after ``optimizer.step()`` with the step's (detached) losses."""
 
     # -- extra state ------------------------------------------------------------------------

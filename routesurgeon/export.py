@@ -1,0 +1,254 @@
+"""Exporting routes: per task, a smaller ``GraphModule`` of standard modules, verified.
+
+Like torchvision's feature extraction: copy the traced graph, keep the task's output, eliminate
+dead code; then slice every parameter along the channels the route drops, rewrite the few graph
+arguments that name channel counts (split sizes, channel slices), and check the result against the
+*masked reference*: the full graph with the dropped channels zeroed where every consumer mixes
+them densely (conv/linear inputs), where zeroing is exactly equivalent to removal.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from routesurgeon.channels import ChannelGroups, Space
+from routesurgeon.errors import ExportError
+from routesurgeon.routes import RouteMask
+
+if TYPE_CHECKING:
+    from routesurgeon.surgeon import Surgeon
+
+__all__ = ["masked_graph", "prune_graph", "task_graph", "verify_route"]
+
+
+def _attr(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build(graph: fx.Graph, source: nn.Module, overrides: Mapping[str, Any], name: str
+           ) -> fx.GraphModule:
+    """A GraphModule over ``graph`` whose modules/attributes come from ``source`` or overrides."""
+    root: dict[str, Any] = {}
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            t = str(n.target)
+            root[t] = overrides[t] if t in overrides else _attr(source, t)
+    gm = fx.GraphModule(root, graph, name)
+    return gm
+
+
+def task_graph(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm``'s graph that returns only ``node``, dead code removed."""
+    graph = fx.Graph(owning_module=gm)
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[node])
+    graph.eliminate_dead_code()
+    alive = set(graph.nodes)
+    return graph, {k: v for k, v in env.items() if v in alive}
+
+
+def _keep(groups: ChannelGroups, pruned: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return ~pruned[groups.labels[ids]]
+
+
+def masked_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
+    """The full graph for ``mask.task`` with the route's dropped channels zeroed (the reference)."""
+    gm = surgeon.traced.eval_graph
+    groups = surgeon.channel_groups
+    graph, env = task_graph(gm, surgeon.outputs.node_of(mask.task))
+    extra: dict[str, Any] = {}
+    for old, entries in groups.state.masks_at.items():
+        if old not in env:
+            continue
+        new = env[old]
+        for arg_index, space in entries:
+            keep = _keep(groups, mask.pruned, space.ids)
+            if keep.all():
+                continue
+            arg = new.args[arg_index]
+            shape = [1] * _rank(old.args[arg_index])
+            shape[space.axis] = len(keep)
+            name = f"_rs_mask_{len(extra)}"
+            extra[name] = torch.as_tensor(keep, dtype=torch.float32).reshape(shape)
+            with graph.inserting_before(new), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the mask attribute is added by _build below
+                m = graph.get_attr(name)
+                zeroed = graph.call_function(torch.mul, (arg, m))
+            new.args = tuple(zeroed if i == arg_index else a for i, a in enumerate(new.args))
+    out = _build(graph, gm, extra, "MaskedRoute")
+    return out.eval()
+
+
+def _rank(arg: Any) -> int:
+    shape = arg.meta.get("rs_shape") if isinstance(arg, fx.Node) else None
+    if not isinstance(shape, tuple):
+        raise ExportError(f"no recorded shape for {arg}")
+    return len(shape)
+
+
+def _slice_tensor(t: torch.Tensor, axis: int, keep: np.ndarray) -> torch.Tensor:
+    idx = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=t.device)
+    return t.detach().index_select(axis, idx).clone()
+
+
+def _fix_module_attributes(m: nn.Module) -> None:
+    """Make a sliced module's size attributes agree with its new tensors."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        w = m.weight
+        if m.transposed:
+            m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+        else:
+            m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.modules.batchnorm._NormBase):
+        ref = m.weight if m.weight is not None else m.running_mean
+        if ref is not None:
+            m.num_features = ref.shape[0]
+
+
+def _multiplier(m: nn.modules.conv._ConvNd) -> int:
+    return m.out_channels // m.in_channels
+
+
+def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
+    """The route of ``mask.task`` as a standalone GraphModule with sliced standard modules."""
+    gm = surgeon.traced.eval_graph
+    groups = surgeon.channel_groups
+    st = groups.state
+    graph, env = task_graph(gm, surgeon.outputs.node_of(mask.task))
+    used_modules = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    used_attrs = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    # 1. new tensors for every sliced parameter/buffer
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for (path, axis), ids in st.params.items():
+        keep = _keep(groups, mask.pruned, ids)
+        if not keep.all():
+            cuts.setdefault(path, []).append((axis, keep))
+    overrides: dict[str, Any] = {}
+    for mod_path in used_modules:
+        src = gm.get_submodule(mod_path)
+        mine = {p: c for p, c in cuts.items() if p.rsplit(".", 1)[0] == mod_path}
+        if not mine:
+            continue
+        # depthwise before slicing: multiplier from the original module
+        depthwise = (isinstance(src, nn.modules.conv._ConvNd) and not src.transposed
+                     and src.groups > 1 and src.groups == src.in_channels)
+        mult = _multiplier(src) if depthwise else 1
+        new = copy.deepcopy(src)
+        for path, axes in mine.items():
+            leaf = path.rsplit(".", 1)[1]
+            t = getattr(src, leaf)
+            for axis, keep in axes:
+                t = _slice_tensor(t, axis, keep)
+            if isinstance(getattr(src, leaf), nn.Parameter):
+                setattr(new, leaf, nn.Parameter(t, requires_grad=getattr(src, leaf).requires_grad))
+            else:
+                new._buffers[leaf] = t
+        if depthwise:
+            new.out_channels = new.weight.shape[0]
+            new.in_channels = new.groups = new.weight.shape[0] // mult
+        else:
+            _fix_module_attributes(new)
+        overrides[mod_path] = new
+    for path in used_attrs:
+        if path in cuts:
+            t = _attr(gm, path)
+            for axis, keep in cuts[path]:
+                t = _slice_tensor(t, axis, keep)
+            orig = _attr(gm, path)
+            overrides[path] = nn.Parameter(t, orig.requires_grad) if isinstance(
+                orig, nn.Parameter) else t
+    # 2. graph arguments that name channel counts
+    for old, (kind, info) in st.rewrites.items():
+        if old not in env:
+            continue
+        new_node = env[old]
+        src_space = st.spaces.get(old.args[0])
+        if not isinstance(src_space, Space):
+            continue
+        keep = _keep(groups, mask.pruned, src_space.ids)
+        if keep.all():
+            continue
+        if kind in ("split", "chunk"):
+            sizes, start = [], 0
+            for n in info:
+                sizes.append(int(keep[start:start + n].sum()))
+                start += n
+            dim = src_space.axis
+            if new_node.op == "call_method":
+                new_node.target = "split"
+            else:
+                new_node.target = torch.split
+            new_node.args = (new_node.args[0], sizes, dim)
+            new_node.kwargs = {}
+        elif kind == "slice":
+            dim, start, stop = info
+            new_start = int(keep[:start].sum())
+            new_stop = new_start + int(keep[start:stop].sum())
+            idx = new_node.args[1]
+            items = list(idx) if isinstance(idx, tuple) else [idx]
+            pos = _slice_position(items, dim)
+            items[pos] = slice(new_start, new_stop, None)
+            new_node.args = (new_node.args[0], tuple(items) if isinstance(idx, tuple)
+                             else items[0])
+    route = _build(graph, gm, overrides, f"Route_{_ident(mask.task)}")
+    return route.eval()
+
+
+def _slice_position(items: list[Any], dim: int) -> int:
+    """Index in a getitem tuple of the entry that indexes input dim ``dim``."""
+    in_dim = 0
+    for i, it in enumerate(items):
+        if it is None:
+            continue
+        if it is Ellipsis:
+            raise ExportError("channel slicing after an Ellipsis cannot be rewritten")
+        if in_dim == dim:
+            return i
+        in_dim += 1
+    raise ExportError(f"no index entry for dim {dim}")
+
+
+def _ident(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.detach().double(), b.detach().double()
+    denom = max(b64.abs().max().item(), 1e-12)
+    return (a64 - b64).abs().max().item() / denom
+
+
+def verify_route(route: fx.GraphModule, reference: fx.GraphModule, inputs: list[Any],
+                 task: str, tol: float = 1e-5) -> float:
+    """Raise ``ExportError`` unless ``route`` matches ``reference`` within ``tol`` (relative)."""
+    with torch.no_grad():
+        try:
+            got = route(*inputs)
+        except Exception as e:
+            raise ExportError(f"route {task!r} fails to run after pruning: {e}") from e
+        want = reference(*inputs)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        raise ExportError(f"route {task!r} returns shape {getattr(got, 'shape', None)}, "
+                          f"the masked reference {tuple(want.shape)}")
+    err = relative_error(got, want)
+    if not err <= tol:
+        raise ExportError(f"route {task!r} differs from its masked reference by {err:.3g} "
+                          f"(relative; tolerance {tol:g}): refusing to return a wrong model")
+    return err

@@ -1,0 +1,157 @@
+"""Choosing each task's route: which coupled channel groups it keeps.
+
+A task's route keeps every fixed group, every group only that task reaches, and, of the prunable
+groups it shares with other tasks, the best-scoring ``keep`` fraction per layer (or those whose
+score passes ``threshold``). Groups the task does not reach at all are dropped: removing them
+cannot change its output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from routesurgeon.errors import InputError, TaskError
+
+if TYPE_CHECKING:
+    from routesurgeon.surgeon import Surgeon
+
+__all__ = ["RouteMask", "Scores", "layer_name", "magnitude_scores", "route_mask"]
+
+Scores = Union[str, Mapping[str, Mapping[str, Any]], None]  # noqa: UP007 (runtime alias)
+
+
+def layer_name(gm: fx.GraphModule, node: fx.Node, info: Mapping[str, Any]) -> str:
+    """Name of a layer: its module path, or its weight's path for functional ops."""
+    if node.op == "call_module":
+        return str(node.target)
+    weight = info.get("weight")
+    return str(weight).rsplit(".", 1)[0] if weight else node.name
+
+
+@dataclass(frozen=True)
+class RouteMask:
+    """The channel groups one task keeps."""
+
+    task: str
+    pruned: np.ndarray  # bool per channel group
+    kept: dict[str, np.ndarray]  # layer name -> kept output channel indices
+    channels: dict[str, int]  # layer name -> original output channels
+
+    @property
+    def kept_fraction(self) -> float:
+        total = sum(self.channels.values())
+        return sum(len(v) for v in self.kept.values()) / total if total else 1.0
+
+
+def magnitude_scores(surgeon: Surgeon) -> dict[str, dict[str, np.ndarray]]:
+    """L2 norm of each filter's weights, the same for every task (a score before training)."""
+    gm = surgeon.traced.eval_graph
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for node, info in surgeon.channel_groups.layers.items():
+        if info["kind"] == "norm":
+            continue
+        w = gm.get_parameter(info["weight"]).detach()
+        axis = 1 if info.get("transposed") else 0
+        norms = w.transpose(0, axis).flatten(1).norm(dim=1).double().numpy()
+        out[layer_name(gm, node, info)] = {t: norms for t in surgeon.tasks}
+    return out
+
+
+def _resolve_scores(surgeon: Surgeon, scores: Scores) -> Mapping[str, Mapping[str, Any]]:
+    if isinstance(scores, str):
+        if scores == "magnitude":
+            return magnitude_scores(surgeon)
+        if scores == "importance":
+            scores = None
+        else:
+            raise InputError(f"unknown scores {scores!r}; use 'importance', 'magnitude' or a dict")
+    if scores is None:
+        learned = surgeon.route_scores() if hasattr(surgeon, "route_scores") else None
+        if not learned:
+            raise InputError(
+                "no importance scores exist yet: train with method='drmgf' or 'drmgf-step' first, "
+                "or pass scores='magnitude' (weight norms) or a dict {layer: {task: scores}}"
+            )
+        return learned
+    return scores
+
+
+def route_mask(
+    surgeon: Surgeon,
+    task: str,
+    keep: float | None = 0.5,
+    threshold: float | None = None,
+    scores: Scores = None,
+) -> RouteMask:
+    """The channel groups ``task`` keeps (see the module docstring)."""
+    if task not in surgeon.tasks:
+        raise TaskError(f"unknown task {task!r}; tasks are {surgeon.tasks}")
+    if threshold is None:
+        if keep is None or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+            raise InputError(f"keep must be a fraction in (0, 1], got {keep!r}")
+    elif not math.isfinite(float(threshold)):
+        raise InputError(f"threshold must be a finite number, got {threshold!r}")
+    surgeon.check_unchanged()
+    table = _resolve_scores(surgeon, scores)
+    groups = surgeon.channel_groups
+    gm = surgeon.traced.eval_graph
+    bit = 1 << surgeon.tasks.index(task)
+    reach = groups.reach
+    n_tasks = np.array([bin(int(b)).count("1") for b in reach])
+    candidate = ~groups.fixed & (reach & bit).astype(bool) & (n_tasks >= 2)
+    pruned = ~groups.fixed & ~(reach & bit).astype(bool)  # groups the task never reaches
+    # per-id score for this task, then the mean over each group's filters
+    id_score = np.full(len(groups.labels), np.nan)
+    for node, info in groups.layers.items():
+        if info["kind"] == "norm":
+            continue
+        name = layer_name(gm, node, info)
+        if name not in table:
+            continue
+        per_task = table[name]
+        if task not in per_task:
+            raise TaskError(f"scores for layer {name!r} have no task {task!r}")
+        s = np.asarray(torch.as_tensor(per_task[task]).detach().double().cpu().numpy())
+        if s.shape != (len(info["out"]),):
+            raise InputError(
+                f"scores for layer {name!r}, task {task!r} have shape {s.shape}; the layer has "
+                f"{len(info['out'])} output channels"
+            )
+        id_score[info["out"]] = s
+    sums = np.bincount(groups.labels, weights=np.nan_to_num(id_score), minlength=groups.n_groups)
+    counts = np.bincount(groups.labels, weights=~np.isnan(id_score), minlength=groups.n_groups)
+    group_score = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)  # unscored: keep
+    keep_group = np.zeros(groups.n_groups, dtype=bool)
+    kept: dict[str, np.ndarray] = {}
+    channels: dict[str, int] = {}
+    for info in groups.layers.values():
+        if info["kind"] == "norm":
+            continue
+        labels = groups.labels[info["out"]]
+        cand = np.unique(labels[candidate[labels]])
+        if len(cand):
+            sc = group_score[cand]
+            if threshold is not None:
+                chosen = cand[sc >= threshold]
+                if len(chosen) == 0:
+                    chosen = cand[[int(np.argmax(sc))]]
+            else:
+                k = max(1, math.ceil(float(keep) * len(cand)))  # type: ignore[arg-type]
+                chosen = cand[np.argsort(-sc, kind="stable")[:k]]
+            keep_group[chosen] = True
+    pruned |= candidate & ~keep_group
+    for node, info in groups.layers.items():
+        if info["kind"] == "norm":
+            continue
+        name = layer_name(gm, node, info)
+        labels = groups.labels[info["out"]]
+        kept[name] = np.flatnonzero(~pruned[labels])
+        channels[name] = len(labels)
+    return RouteMask(task, pruned, kept, channels)
