@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from routesurgeon.channels import ChannelGroups, analyse_channels
 from routesurgeon.errors import InputError, ModelChangedError
+from routesurgeon.importance import ImportanceBank, RouteConfig
 from routesurgeon.export import masked_graph, prune_graph, verify_route
 from routesurgeon.outputs import OutputSpec, resolve_tasks
 from routesurgeon.routes import RouteMask, Scores, route_mask
@@ -46,6 +48,7 @@ class Surgeon(nn.Module):
         groups: ChannelGroups,
         topology: Topology,
         timings: dict[str, float],
+        route_config: RouteConfig | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -62,6 +65,8 @@ class Surgeon(nn.Module):
             if isinstance(x, torch.Tensor)
         ]
         self._fingerprint = _fingerprint(model)
+        object.__setattr__(self, "_active_task", None)
+        self.importance_bank = _make_bank(model, self.param_tasks(), route_config)
         bound = bind_inputs(model, *example_inputs)
         self._example_values = [
             bound.get(str(n.target).lstrip("*"))
@@ -87,7 +92,45 @@ class Surgeon(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.traced.specialized:
             self._check_shapes(args, kwargs)
-        return self.graph_module(*args, **kwargs)
+        task = self._active_task
+        if task is None or not self.training:
+            return self.graph_module(*args, **kwargs)
+        params = dict(self.model.named_parameters())
+        gated = self.importance_bank.gated_weights(params, task)
+        return torch.func.functional_call(self.graph_module, gated, args, kwargs, strict=False)
+
+    @contextlib.contextmanager
+    def route(self, task: str) -> Iterator[None]:
+        """Within this context and in train mode, the forward is task ``task``'s gated forward.
+
+        Every shared conv/linear weight W is replaced by ``G_t * W / ||W||`` (DR-MGF's dynamic
+        route); in eval mode the forward stays the plain model.
+        """
+        self.topology._check_task(task)
+        previous = self._active_task
+        object.__setattr__(self, "_active_task", task)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_active_task", previous)
+
+    # -- importance ----------------------------------------------------------------------------
+    def importance_parameters(self) -> list[nn.Parameter]:
+        """The importance variables A_t of every shared conv/linear weight."""
+        return list(self.importance_bank.importance_parameters())
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The meta scales S_t (learned in DR-MGF's fusion stage)."""
+        return list(self.importance_bank.scale_parameters())
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """The user's model's parameters (what the user's optimizer should hold)."""
+        return list(self.model.parameters())
+
+    def importance(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per shared layer (module path), per task, per filter: the dominance D_t in [0, 1]."""
+        return {name.rsplit(".", 1)[0]: scores
+                for name, scores in self.importance_bank.filter_scores().items()}
 
     def _check_shapes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         shapes = [tuple(x.shape) for x in [*args, *kwargs.values()] if isinstance(x, torch.Tensor)]
@@ -181,11 +224,38 @@ class Surgeon(nn.Module):
         return routes
 
     def route_scores(self) -> dict[str, dict[str, Any]] | None:
-        """Learned per-task filter scores (set by training); ``None`` before training."""
-        return getattr(self, "_route_scores", None)
+        """Learned per-task filter scores; ``None`` before any DR-MGF training step."""
+        if not self.importance_bank.trained:
+            return None
+        scores = self.importance()
+        # exclusive layers have one task: its score is 1 for every filter
+        return scores
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, trace={self.trace_path!r}"
+
+
+def _make_bank(
+    model: nn.Module, tasks_of: dict[str, frozenset[str]], cfg: RouteConfig | None
+) -> ImportanceBank:
+    weights: dict[str, torch.Tensor] = {}
+    norms: dict[str, torch.Tensor] = {}
+    for mname, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        key = f"{mname}.weight" if mname else "weight"
+        if not isinstance(w, nn.Parameter) or len(tasks_of.get(key, ())) < 2:
+            continue
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not getattr(
+            m, "transposed", False
+        ):
+            weights[key] = w
+        elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) and (
+            w.dim() == 1
+        ):
+            norms[key] = w
+    order = {t: i for i, t in enumerate(sorted({t for ts in tasks_of.values() for t in ts}))}
+    tasks = {k: sorted(v, key=order.__getitem__) for k, v in tasks_of.items()}
+    return ImportanceBank(weights, norms, tasks, cfg or RouteConfig())
 
 
 def _fingerprint(model: nn.Module) -> tuple[tuple[str, tuple[int, ...], int], ...]:
@@ -206,6 +276,8 @@ def instrument(
     tasks: Sequence[str] | Mapping[str, str] | None = None,
     leaf_modules: Sequence[str | type] = (),
     verify: bool = True,
+    granularity: str = "filter",
+    route_config: RouteConfig | None = None,
 ) -> Surgeon:
     """Trace ``model`` on ``example_inputs`` and analyse how its task outputs share it.
 
@@ -215,7 +287,11 @@ def instrument(
         tasks: task names (see ``routesurgeon.outputs.resolve_tasks``); default: every output.
         leaf_modules: module paths or classes to treat as opaque ops.
         verify: check that the traced graph reproduces the model's outputs on the example.
+        granularity: DR-MGF importance per ``"filter"`` (default) or per ``"connection"``.
+        route_config: all dynamic-route hyperparameters (overrides ``granularity``).
     """
+    if route_config is None:
+        route_config = RouteConfig(granularity=granularity)
     t0 = time.perf_counter()
     args, kwargs = normalize_inputs(example_inputs)
     _check_devices(model, args, kwargs)
@@ -243,7 +319,8 @@ def instrument(
     topology = Topology.from_graph(traced.eval_graph, outputs, reach, groups)
     t3 = time.perf_counter()
     timings = {"trace": t1 - t0, "verify": t2 - t1, "analyse": t3 - t2, "total": t3 - t0}
-    return Surgeon(model, traced, outputs, (args, kwargs), reach, groups, topology, timings)
+    return Surgeon(model, traced, outputs, (args, kwargs), reach, groups, topology, timings,
+                   route_config)
 
 
 def _check_devices(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -1,0 +1,249 @@
+"""``drmgf``: the reference DR-MGF algorithm (Sun et al., arXiv 2305.19844), per cycle.
+
+One cycle (default: one epoch) = a *disentanglement* pass per task from the same start point
+theta0, through that task's gated forward, with the auxiliary loss weights; then the *fusion*:
+shared weights become ``W0 + sum_t D_t(S) * Delta_t`` with the dominance of the learned importance
+and meta scales S, S learned over a pass of training batches through a functional forward of the
+fused weights; BN statistics moment-matched across the task snapshots, then re-estimated by that
+pass. After ``route_epochs`` the forward is plain, A is frozen and parameters are smoothed by EMA.
+See ``../shared/method/drmgf.md`` section 3 for the equations and our decisions.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from routesurgeon.errors import LossError
+from routesurgeon.methods.registry import register_method
+
+__all__ = ["DRMGF", "DRMGFConfig"]
+
+
+@dataclass(frozen=True)
+class DRMGFConfig:
+    """Hyperparameters of the reference algorithm (the authors' defaults)."""
+
+    alpha: float = 0.5  # weight of the other tasks' losses in a disentanglement pass
+    loss_weights: Mapping[str, float] | None = None  # lambda_t, default 1
+    epochs: int | None = None  # total epochs planned; route_epochs defaults to half of it
+    route_epochs: int | None = None  # epochs with the gated forward (None: epochs // 2, or all)
+    ema: float = 0.9  # after route_epochs: p = (1 - ema) * p_new + ema * p_start
+    s_lr: float = 0.1  # Adam lr of the meta scales S
+    importance_lr: float | None = None  # Adam lr of A (default: the model optimizer's lr)
+    task_order: Sequence[str] | None = None
+    cycle_steps: int | None = None  # disentangle/fuse cycle length in batches (None: an epoch)
+    s_batches: int | None = None  # batches of the S pass (None: the whole cycle)
+    delta_dtype: str = "float32"  # "bfloat16" halves the displacement memory
+    delta_device: str | None = None  # e.g. "cpu" to offload displacements
+
+
+@register_method("drmgf")
+class DRMGF:
+    """Per-cycle disentanglement and meta-weighted fusion (a per-epoch method)."""
+
+    name = "drmgf"
+
+    def __init__(self, context: Any, **config: Any) -> None:
+        self.cfg = DRMGFConfig(**config)
+        self.surgeon = context
+        self.tasks = list(context.tasks)
+        order = list(self.cfg.task_order or self.tasks)
+        if sorted(order) != sorted(self.tasks):
+            raise ValueError(f"task_order {order} must be a permutation of {self.tasks}")
+        self.order = order
+        self.bank = context.importance_bank
+        self.params = {n: p for n, p in context.model.named_parameters() if p.requires_grad}
+        self.tasks_of = context.param_tasks()
+        self._imp_opt: torch.optim.Optimizer | None = None
+        self._s_opt: torch.optim.Optimizer | None = None
+
+    # -- the GradientMethod surface the trainer also uses ---------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def after_step(self, losses: Mapping[str, Tensor]) -> None:
+        pass
+
+    def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
+        raise NotImplementedError(
+            "drmgf is a per-epoch algorithm (disentanglement passes + fusion): use "
+            "trainer.fit_epoch(loader, loss_fns); for a per-step API use method='drmgf-step'"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"imp_opt": self._imp_opt.state_dict() if self._imp_opt else None,
+                "s_opt": self._s_opt.state_dict() if self._s_opt else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("imp_opt") and self._imp_opt is not None:
+            self._imp_opt.load_state_dict(state["imp_opt"])
+
+    # -- one epoch ---------------------------------------------------------------------------------
+    def _route_phase(self, epoch: int) -> bool:
+        r = self.cfg.route_epochs
+        if r is None:
+            r = self.cfg.epochs // 2 if self.cfg.epochs else None
+        return r is None or epoch < r
+
+    def fit_epoch(self, trainer: Any, loader: Iterable[Any], loss_fns: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+        if self._imp_opt is None:
+            lr = self.cfg.importance_lr or trainer.optimizer.param_groups[0]["lr"]
+            self._imp_opt = torch.optim.Adam(self.surgeon.importance_parameters(), lr=lr)
+            self._s_opt = torch.optim.Adam(self.surgeon.scale_parameters(), lr=self.cfg.s_lr)
+        routed = self._route_phase(trainer.epoch)
+        losses: dict[str, list[float]] = {t: [] for t in self.tasks}
+        if self.cfg.cycle_steps is None:
+            self._cycle(trainer, loader, loss_fns, routed, losses)
+        else:
+            it = iter(loader)
+            while chunk := list(itertools.islice(it, self.cfg.cycle_steps)):
+                self._cycle(trainer, chunk, loss_fns, routed, losses)
+        self.bank.trained = True
+        return {"losses": {t: sum(v) / max(len(v), 1) for t, v in losses.items()},
+                "passes": len(self.tasks) + 1, "routed": routed}
+
+    def _cycle(self, trainer: Any, batches: Iterable[Any], loss_fns: Mapping[str, Any],
+               routed: bool, losses: dict[str, list[float]]) -> None:
+        s = self.surgeon
+        theta0 = {n: p.detach().clone() for n, p in self.params.items()}
+        dtype = getattr(torch, self.cfg.delta_dtype)
+        deltas: dict[str, dict[str, Tensor]] = {}
+        bn_snaps: dict[str, dict[str, Tensor]] = {}
+        weights = self.cfg.loss_weights or {}
+        for t in self.order:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(theta0[n])
+            s.train()
+            for inputs, targets in trainer._bar(batches, f"disentangle {t}"):
+                trainer.optimizer.zero_grad(set_to_none=True)
+                if routed:
+                    self._imp_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+                args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+                if routed:
+                    with s.route(t):
+                        outs = trainer.task_outputs(s(*args))
+                else:
+                    outs = trainer.task_outputs(s(*args))
+                task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
+                bad = _nonfinite(task_losses)
+                if bad:
+                    trainer._skip(f"non-finite loss for tasks {bad} in the {t} pass")
+                    continue
+                total = sum(
+                    weights.get(k, 1.0) * (1.0 if k == t else self.cfg.alpha) * v
+                    for k, v in task_losses.items()
+                )
+                total.backward()
+                trainer.optimizer.step()
+                if routed:
+                    self._imp_opt.step()  # type: ignore[union-attr]
+                trainer.step_count += 1
+                losses[t].append(float(task_losses[t].detach()))
+            with torch.no_grad():
+                if routed:
+                    for name, w in s.importance_bank.gated_weights(self.params, t).items():
+                        self.params[name].copy_(w)
+                deltas[t] = {
+                    n: (p.detach() - theta0[n]).to(dtype=dtype, device=self.cfg.delta_device)
+                    for n, p in self.params.items() if t in self.tasks_of.get(n, ())
+                }
+                bn_snaps[t] = {n: b.detach().clone() for n, b in s.model.named_buffers()
+                               if n.endswith(("running_mean", "running_var"))}
+        self._fuse(trainer, batches, loss_fns, theta0, deltas, bn_snaps)
+        if not routed:  # phase 2: smooth every parameter towards the cycle's start
+            with torch.no_grad():
+                e = self.cfg.ema
+                for n, p in self.params.items():
+                    p.copy_((1 - e) * p + e * theta0[n])
+
+    # -- fusion ----------------------------------------------------------------------------------
+    def fused(self, theta0: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]]
+              ) -> dict[str, Tensor]:
+        """Fused parameters as a differentiable function of S (A detached)."""
+        out: dict[str, Tensor] = {}
+        bank = self.bank
+        for n, p0 in theta0.items():
+            tasks = [t for t in self.tasks if n in deltas.get(t, {})]
+            if not tasks:
+                out[n] = p0
+                continue
+            ds = [deltas[t][n].to(p0) for t in tasks]
+            if len(tasks) == 1:
+                out[n] = p0 + ds[0]
+            elif n in bank.tasks_of or n in bank.norm_tasks:
+                order = bank.tasks_of.get(n) or bank.norm_tasks[n]
+                if n in bank.tasks_of:
+                    from routesurgeon.importance import dominance
+
+                    d = dominance([a.detach() for a in bank.a(n)], bank.s(n))
+                else:
+                    d = bank.dominance(n)
+                acc = p0
+                for j, t in enumerate(order):
+                    dj = d[j].reshape(*d[j].shape, *([1] * (p0.dim() - d[j].dim())))
+                    acc = acc + dj * deltas[t][n].to(p0)
+                out[n] = acc
+            else:
+                out[n] = p0 + sum(ds) / len(ds)
+        return out
+
+    def _fuse(self, trainer: Any, batches: Iterable[Any], loss_fns: Mapping[str, Any],
+              theta0: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]],
+              bn_snaps: Mapping[str, Mapping[str, Tensor]]) -> None:
+        s = self.surgeon
+        self._merge_bn(bn_snaps)
+        s.train()
+        n_batches = 0
+        for inputs, targets in trainer._bar(batches, "fuse"):
+            if self.cfg.s_batches is not None and n_batches >= self.cfg.s_batches:
+                break
+            args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+            self._s_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            params = self.fused(theta0, deltas)
+            out = torch.func.functional_call(s.graph_module, params, args, strict=False)
+            outs = trainer.task_outputs(out)
+            task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
+            if _nonfinite(task_losses):
+                continue
+            sum(task_losses.values()).backward()
+            self._s_opt.step()  # type: ignore[union-attr]
+            n_batches += 1
+        with torch.no_grad():
+            for n, v in self.fused(theta0, deltas).items():
+                self.params[n].copy_(v.detach())
+
+    def _merge_bn(self, snaps: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Moment-matched mean of the task snapshots' running statistics."""
+        if not snaps:
+            return
+        buffers = dict(self.surgeon.model.named_buffers())
+        first = next(iter(snaps.values()))
+        with torch.no_grad():
+            for n in first:
+                if not n.endswith("running_mean"):
+                    continue
+                v = n[: -len("mean")] + "var"
+                means = torch.stack([snaps[t][n] for t in snaps])
+                mean = means.mean(0)
+                buffers[n].copy_(mean)
+                if v in first:
+                    second = torch.stack([snaps[t][v] + snaps[t][n] ** 2 for t in snaps]).mean(0)
+                    buffers[v].copy_((second - mean**2).clamp_min(0))
+
+
+def _nonfinite(losses: Mapping[str, Tensor]) -> list[str]:
+    bad = []
+    for t, v in losses.items():
+        if not isinstance(v, Tensor) or v.dim() != 0:
+            raise LossError(f"loss of task {t!r} must be a scalar tensor")
+        if not torch.isfinite(v.detach()).item():
+            bad.append(t)
+    return bad
