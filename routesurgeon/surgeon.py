@@ -134,11 +134,13 @@ class Surgeon(nn.Module):
 
     def _check_shapes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         shapes = [tuple(x.shape) for x in [*args, *kwargs.values()] if isinstance(x, torch.Tensor)]
+        start = 0 if self.traced.batch_specialized else 1
         for got, want in zip(shapes, self._example_shapes):
-            if got[1:] != want[1:]:
+            if got[start:] != want[start:]:
+                where = "" if start == 0 else " beyond the batch dimension"
                 raise InputError(
-                    f"input shape {got} differs from the example input {want} beyond the batch "
-                    f"dimension, and this model was traced by specialising Python control flow on "
+                    f"input shape {got} differs from the example input {want}{where}, and this "
+                    f"model was traced by specialising Python control flow on "
                     f"the example shape ({self.traced.specializations[0]}). Instrument again with "
                     f"an example input of this shape."
                 )

@@ -53,6 +53,7 @@ class TraceResult:
     eval_graph: fx.GraphModule
     path: str
     leaves: list[str] = field(default_factory=list)
+    batch_specialized: bool = False
     specializations: list[str] = field(default_factory=list)
     attempts: list[str] = field(default_factory=list)
 
@@ -172,8 +173,8 @@ def mode(model: nn.Module, training: bool) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 # The tracer
 # --------------------------------------------------------------------------------------------
-class _Specialized(Exception):
-    pass
+# Ops that read tensor *data* into Python: never specialised on.
+_DATA_READS = {"item", "tolist", "numpy", "__bool__", "any", "all", "nonzero"}
 
 
 def _value(x: Any) -> Any:
@@ -204,6 +205,7 @@ class RouteTracer(fx.Tracer):
         self.leaf_paths = set(leaf_paths)
         self.concrete = concrete  # placeholder name -> example value, or None for plain fx
         self.specializations: list[str] = []
+        self.batch_specialized = False
 
     # -- leaves ------------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -233,6 +235,11 @@ class RouteTracer(fx.Tracer):
                                      proxy_factory_fn)
         if self.concrete is not None and kind != "output":
             proxy.node.meta["rs_value"] = self._compute(kind, target, args, kwargs)
+            data = target in _DATA_READS or any(
+                a.meta.get("rs_data") for a in proxy.node.all_input_nodes
+            )
+            if data:
+                proxy.node.meta["rs_data"] = True
         return proxy
 
     def _compute(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
@@ -262,7 +269,17 @@ class RouteTracer(fx.Tracer):
             raise fx.proxy.TraceError(
                 f"{what} of a traced value in module {self.current_module() or '<root>'!r}"
             )
+        node = obj.node if not isinstance(obj, fx.proxy.Attribute) else obj.root.node
         value = _value(obj)
+        reads_data = isinstance(value, torch.Tensor) and what in ("bool", "int", "float", "index")
+        if node.meta.get("rs_data") or reads_data:
+            raise fx.proxy.TraceError(
+                f"{what} of a value computed from tensor data in module "
+                f"{self.current_module() or '<root>'!r}: data-dependent control flow cannot be "
+                f"specialised safely"
+            )
+        if _reads_batch_dim(node, what, value):
+            self.batch_specialized = True
         self.specializations.append(f"{self.current_module() or '<root>'}: {what} = {value!r}")
         return value
 
@@ -287,6 +304,35 @@ def _unpatched_modules() -> Iterator[None]:
     finally:
         nn.Module.__call__ = patched_call  # type: ignore[method-assign]
         nn.Module.__getattr__ = patched_getattr  # type: ignore[method-assign]
+
+
+def _reads_batch_dim(node: fx.Node, what: str, value: Any) -> bool:
+    """Whether a specialised value may depend on the batch size (then full shapes are guarded)."""
+    if what in ("len", "iter") and isinstance(value, torch.Tensor):
+        return True
+    seen, todo = set(), [node]
+    while todo and len(seen) < 64:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_method" and n.target == "size":
+            idx = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            if idx is None or idx == 0:
+                return True
+        if n.op == "call_function" and n.target is operator.getitem:
+            src = n.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr \
+                    and src.args[1] == "shape":
+                idx = n.args[1]
+                if not isinstance(idx, int) or idx == 0:
+                    return True
+        if n.op == "call_function" and n.target is getattr and n.args[1] == "shape" and (
+            all(u.target is not operator.getitem for u in n.users)
+        ):
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _install_concrete_dunders() -> None:
@@ -380,7 +426,7 @@ def _trace_mode(
     autowrap: Sequence[Callable[..., Any]],
     auto_leaf: bool,
     attempts: list[str],
-) -> tuple[fx.GraphModule, str, list[str], list[str]]:
+) -> tuple[fx.GraphModule, str, list[str], list[str], bool]:
     """Trace in the model's current mode; returns (graph, path, auto leaves, specialisations)."""
     leaves: list[str] = list(user_leaves)
     auto: list[str] = []
@@ -393,7 +439,7 @@ def _trace_mode(
                 with preserved(model), _library_fixes(model):
                     gm, tracer = _trace_once(model, bound, leaf_types, leaves, autowrap, concrete)
                 label = path + ("+leaf" if auto else "")
-                return gm, label, auto, tracer.specializations
+                return gm, label, auto, tracer.specializations, tracer.batch_specialized
             except Exception as e:  # any failure of the user's forward under tracing
                 module = _failing_module(e)
                 last = _Failure(module, e, path + ("+leaf" if auto else ""))
@@ -449,14 +495,14 @@ def trace(
             raise TracingError(f"leaf_modules names {p!r}, which is not a submodule") from e
     leaf_types = [*lib_types, *user_types]
     attempts: list[str] = []
-    graphs: dict[bool, tuple[fx.GraphModule, str, list[str], list[str]]] = {}
+    graphs: dict[bool, tuple[fx.GraphModule, str, list[str], list[str], bool]] = {}
     for training in (True, False):
         with mode(model, training):
             graphs[training] = _trace_mode(
                 model, bound, leaf_types, user_paths, autowrap, auto_leaf, attempts
             )
-    train_gm, train_path, train_leaves, train_spec = graphs[True]
-    eval_gm, eval_path, eval_leaves, eval_spec = graphs[False]
+    train_gm, train_path, train_leaves, train_spec, train_batch = graphs[True]
+    eval_gm, eval_path, eval_leaves, eval_spec, eval_batch = graphs[False]
     if train_gm.code == eval_gm.code:
         eval_gm = train_gm
     paths = train_path if train_path == eval_path else f"{train_path}/{eval_path}"
@@ -465,6 +511,7 @@ def trace(
         eval_graph=eval_gm,
         path=paths,
         leaves=sorted(set(train_leaves) | set(eval_leaves)),
+        batch_specialized=train_batch or eval_batch,
         specializations=train_spec + [s for s in eval_spec if s not in train_spec],
         attempts=attempts,
     )
