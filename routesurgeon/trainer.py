@@ -7,7 +7,6 @@ with a progress bar for every method, including the per-epoch reference ``drmgf`
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -128,7 +127,12 @@ class Trainer:
         if stats is None:
             return None
         self.optimizer.step()
-        self.method.after_step({k: v.detach() for k, v in losses.items()})
+
+        def recompute() -> dict[str, Tensor]:
+            outs = self.task_outputs(self.forward(*args))
+            return {t: loss_fns[t](outs[t], targets[t]) for t in self.surgeon.tasks}
+
+        self.method.after_step({k: v.detach() for k, v in losses.items()}, recompute=recompute)
         self.step_count += 1
         return {**stats, **{f"loss/{t}": float(v.detach()) for t, v in losses.items()}}
 
@@ -204,5 +208,3 @@ class Trainer:
         return {"epoch": self.epoch, "step": self.step_count, "skipped": self.skipped,
                 "history": self.history, "method": self.method.state_dict()}
 
-
-_ = math

@@ -43,7 +43,8 @@ def test_topology_finds_shared_trunk_and_exclusive_heads(net: nn.Module, x: torc
     assert [la.name for la in topo.exclusive_layers("a")] == ["ha"]
     assert [la.name for la in topo.exclusive_layers("d")] == ["dense"]
     summary = topo.summary()
-    assert summary["a"]["shared_filter_fraction"] == pytest.approx((8 + 16 + 16) / (8 + 16 + 16 + 5))
+    shared_a = (8 + 16 + 16) / (8 + 16 + 16 + 5)
+    assert summary["a"]["shared_filter_fraction"] == pytest.approx(shared_a)
     assert 0 < summary["d"]["flop_share"] <= 1
     with pytest.raises(rs.TaskError, match="tasks are"):
         topo.exclusive_layers("nope")

@@ -8,7 +8,7 @@ then ``method.after_step(...)``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -46,8 +46,10 @@ class GradientMethod:
         """Accumulate this method's gradient into ``.grad``; return scalars for the history."""
         raise NotImplementedError
 
-    def after_step(self, losses: Mapping[str, Tensor]) -> None:
-        """Called after ``optimizer.step()`` with the step's (detached) losses."""
+    def after_step(self, losses: Mapping[str, Tensor],
+                   recompute: Callable[[], Mapping[str, Tensor]] | None = None) -> None:
+        """Called after ``optimizer.step()`` with the step's (detached) losses; ``recompute``
+        gives the same batch's losses under the updated weights (FAMO needs them)."""
 
     # -- extra state ------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:

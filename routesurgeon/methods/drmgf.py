@@ -67,7 +67,7 @@ class DRMGF:
     def parameters(self) -> list[nn.Parameter]:
         return []
 
-    def after_step(self, losses: Mapping[str, Tensor]) -> None:
+    def after_step(self, losses: Mapping[str, Tensor], recompute: Any = None) -> None:
         pass
 
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:

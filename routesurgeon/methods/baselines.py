@@ -1,0 +1,245 @@
+"""Standard de-conflict baselines on the same instrumented model, by name.
+
+Loss-weighting methods come from ``torchjd.scalarization`` (``equal``, ``uncertainty``, ``famo``),
+gradient-aggregation methods from ``torchjd.aggregation`` (``pcgrad``, ``cagrad``, ``nash-mtl``,
+``upgrad``, ``mgda``, ``imtl-g``): routesurgeon only decides *which* parameters are shared (from the
+traced graph) and hands torchjd the per-task Jacobian of exactly those. Exclusive parameters get
+their own task's gradient, as in ``torchjd.autojac.mtl_backward``.
+
+``imta-ge`` is IMTA's gradient equilibrium for multi-exit nets (Li et al., ICCV 2019), which torchjd
+does not provide: at every point where the graph branches towards different task sets, the gradient
+coming back along a branch is scaled by (tasks that branch reaches) / (tasks the point reaches),
+which for a chain of exits is IMTA's 1/(n-i) on the exit and (n-i-1)/(n-i) on the trunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from routesurgeon.methods.base import GradientMethod, stack_losses
+from routesurgeon.methods.registry import register_method
+from routesurgeon.topology import node_reach
+
+__all__ = [
+    "AggregatorMethod",
+    "Equal",
+    "Famo",
+    "GradientEquilibrium",
+    "ScalarizerMethod",
+    "Uncertainty",
+]
+
+
+class ScalarizerMethod(GradientMethod):
+    """A torchjd ``Scalarizer`` over the task losses, then one ordinary backward."""
+
+    def make_scalarizer(self, n_tasks: int) -> nn.Module:
+        raise NotImplementedError
+
+    def __init__(self, context: Any, **config: Any) -> None:
+        self.options = config
+        super().__init__(context)
+        self.scalarizer = self.make_scalarizer(len(self.tasks))
+
+    def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
+        loss = self.scalarizer(stack_losses(self.tasks, losses))
+        loss.backward()
+        return {"loss/total": float(loss.detach())}
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.scalarizer.parameters() if p.requires_grad]
+
+
+@register_method("equal")
+class Equal(ScalarizerMethod):
+    """Equal weighting: the plain summed loss."""
+
+    def make_scalarizer(self, n_tasks: int) -> nn.Module:
+        from torchjd.scalarization import Sum
+
+        return Sum()
+
+
+@register_method("uncertainty")
+class Uncertainty(ScalarizerMethod):
+    """Uncertainty weighting (Kendall et al. 2018): learned log-variances, stepped by the
+    model optimizer (the trainer adds them as a parameter group)."""
+
+    def make_scalarizer(self, n_tasks: int) -> nn.Module:
+        from torchjd.scalarization import UW
+
+        return UW(n_tasks)
+
+
+@register_method("famo")
+class Famo(ScalarizerMethod):
+    """FAMO (Liu et al. 2023): its logits are updated from the losses recomputed on the same
+    batch after the model step (the trainer passes ``recompute``)."""
+
+    def __init__(self, context: Any, lr: float = 0.025, weight_decay: float = 1e-3) -> None:
+        self.lr, self.weight_decay = lr, weight_decay
+        super().__init__(context)
+
+    def make_scalarizer(self, n_tasks: int) -> nn.Module:
+        from torchjd.scalarization import FAMO
+
+        return FAMO(n_tasks, lr=self.lr, weight_decay=self.weight_decay)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []  # FAMO steps its own logits
+
+    def after_step(self, losses: Mapping[str, Tensor],
+                   recompute: Callable[[], Mapping[str, Tensor]] | None = None) -> None:
+        if recompute is None:
+            raise RuntimeError("famo needs the losses recomputed on the same batch after the "
+                               "step: call method.after_step(losses, recompute=fn)")
+        with torch.no_grad():
+            new = recompute()
+        self.scalarizer.update(stack_losses(self.tasks, new).detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scalarizer": self.scalarizer.state_dict(),
+                "optimizer": (self.scalarizer._optimizer.state_dict()
+                              if self.scalarizer._optimizer is not None else None)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.scalarizer.load_state_dict(state["scalarizer"])
+        if state.get("optimizer") is not None:
+            self.scalarizer._optimizer = torch.optim.Adam(
+                [self.scalarizer._w], lr=self.lr, weight_decay=self.weight_decay)
+            self.scalarizer._optimizer.load_state_dict(state["optimizer"])
+
+
+class AggregatorMethod(GradientMethod):
+    """A torchjd ``Aggregator`` on the Jacobian of the task losses w.r.t. the shared parameters."""
+
+    def make_aggregator(self, n_tasks: int) -> Any:
+        raise NotImplementedError
+
+    def __init__(self, context: Any, **config: Any) -> None:
+        super().__init__(context)
+        self.options = config
+        self.aggregator = self.make_aggregator(len(self.tasks))
+        self.shared = [p for p in context.shared_parameters() if p.requires_grad]
+        shared_ids = {id(p) for p in self.shared}
+        self.exclusive = [p for t in self.tasks for p in context.task_parameters(t)
+                          if p.requires_grad and id(p) not in shared_ids]
+
+    def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
+        from torchjd.autojac import backward, jac_to_grad
+
+        stacked = stack_losses(self.tasks, losses)
+        if self.exclusive:
+            # An exclusive parameter is reached by one loss only: the sum's gradient is its own.
+            stacked.sum().backward(inputs=self.exclusive, retain_graph=bool(self.shared))
+        if self.shared:
+            backward(list(stacked.unbind()), inputs=self.shared)
+            jac_to_grad(self.shared, self.aggregator)
+        return {"loss/total": float(stacked.detach().sum())}
+
+
+def _aggregator(name: str, factory: Callable[[int, dict[str, Any]], Any], doc: str) -> type:
+    cls = type(name, (AggregatorMethod,), {
+        "__doc__": doc,
+        "__init__": lambda self, context, **config: AggregatorMethod.__init__(
+            self, context, **config),
+        "make_aggregator": lambda self, n: factory(n, self.options),
+    })
+    return cls
+
+
+def _jd(attr: str) -> Any:
+    import torchjd.aggregation as agg
+
+    return getattr(agg, attr)
+
+
+PCGrad = register_method("pcgrad")(_aggregator(
+    "PCGrad", lambda n, o: _jd("PCGrad")(**o), "PCGrad (Yu et al. 2020), via torchjd."))
+CAGrad = register_method("cagrad")(_aggregator(
+    "CAGrad", lambda n, o: _jd("CAGrad")(**{"c": 0.4, **o}),
+    "CAGrad (Liu et al. 2021), c = 0.4 by default, via torchjd."))
+NashMTL = register_method("nash-mtl")(_aggregator(
+    "NashMTL", lambda n, o: _jd("NashMTL")(n_tasks=n, **o),
+    "Nash-MTL (Navon et al. 2022), via torchjd (needs cvxpy and ecos)."))
+UPGrad = register_method("upgrad")(_aggregator(
+    "UPGrad", lambda n, o: _jd("UPGrad")(**o), "UPGrad (Quinton & Rey 2024), via torchjd."))
+MGDA = register_method("mgda")(_aggregator(
+    "MGDA", lambda n, o: _jd("MGDA")(**o), "MGDA (Sener & Koltun 2018), via torchjd."))
+IMTLG = register_method("imtl-g")(_aggregator(
+    "IMTLG", lambda n, o: _jd("IMTLG")(**o), "IMTL-G (Liu et al. 2021), via torchjd."))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """Identity forward; multiplies the gradient flowing back through it by ``scale``."""
+    if not isinstance(x, Tensor) or not x.requires_grad:
+        return x  # sizes, constants: nothing flows back
+    return _ScaleGrad.apply(x, scale)
+
+
+torch.fx.wrap("scale_grad")
+
+
+def equilibrium_graph(gm: fx.GraphModule, reach: Mapping[fx.Node, int]) -> fx.GraphModule:
+    """A copy of ``gm`` whose branch points scale each branch's gradient by its share of tasks."""
+    graph = fx.Graph(owning_module=gm)
+    env: dict[fx.Node, fx.Node] = {}
+    scaled: dict[tuple[fx.Node, float], fx.Node] = {}
+
+    def arg_for(user: fx.Node) -> Callable[[fx.Node], fx.Node]:
+        def lookup(a: fx.Node) -> fx.Node:
+            total = bin(reach.get(a, 0)).count("1")
+            part = bin(reach.get(user, 0)).count("1") if user.op != "output" else total
+            if total <= 1 or part in (0, total):
+                return env[a]
+            key = (a, part / total)
+            if key not in scaled:
+                scaled[key] = graph.call_function(scale_grad, (env[a], part / total))
+            return scaled[key]
+
+        return lookup
+
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        else:
+            env[n] = graph.node_copy(n, arg_for(n))
+    return fx.GraphModule(gm, graph, "GradientEquilibrium")
+
+
+@register_method("imta-ge")
+class GradientEquilibrium(GradientMethod):
+    """IMTA's gradient equilibrium, generalised to any branching multi-output graph."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.surgeon = context
+        self._graphs: dict[bool, fx.GraphModule] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        s = self.surgeon
+        if s.training not in self._graphs:
+            gm = s.graph_module
+            self._graphs[s.training] = equilibrium_graph(gm, node_reach(gm.graph, s.outputs))
+        return self._graphs[s.training](*args, **kwargs)
+
+    def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
+        total = stack_losses(self.tasks, losses).sum()
+        total.backward()
+        return {"loss/total": float(total.detach())}
