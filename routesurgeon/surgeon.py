@@ -13,8 +13,8 @@ from torch import nn
 
 from routesurgeon.channels import ChannelGroups, analyse_channels
 from routesurgeon.errors import InputError, ModelChangedError
-from routesurgeon.importance import ImportanceBank, RouteConfig
 from routesurgeon.export import masked_graph, prune_graph, verify_route
+from routesurgeon.importance import ImportanceBank, RouteConfig
 from routesurgeon.outputs import OutputSpec, resolve_tasks
 from routesurgeon.routes import RouteMask, Scores, route_mask
 from routesurgeon.shapes import ShapeRecorder, assert_same_outputs

@@ -1,4 +1,4 @@
-"""Baselines: every method trains the same instrumented model, and the algebra is the published one."""
+"""Baselines: every method trains the same instrumented model; the algebra is the published one."""
 
 from __future__ import annotations
 
