@@ -114,6 +114,10 @@ class ImportanceBank(nn.Module):
         self.tasks_of = {n: list(tasks_of[n]) for n in self.names}
         self.norm_names = sorted(norms)
         self.norm_tasks = {n: list(tasks_of[n]) for n in self.norm_names}
+        # The bias (beta) of a shared norm has its own meta scales, as in the authors' fusion
+        # (model_segnet_mt_DRMGF / DRMGF_multi_task_0202_fusionextra.py: S per 1-D parameter).
+        for n in self.norm_names:
+            self.norm_tasks[_bias_of(n)] = self.norm_tasks[n]
         self.A = nn.ParameterDict()
         self.S = nn.ParameterDict()
         for name in self.names:
@@ -125,6 +129,7 @@ class ImportanceBank(nn.Module):
             n = norms[name].shape[0]
             for t in self.norm_tasks[name]:
                 self.S[_key(name, t)] = nn.Parameter(torch.full((n,), cfg.s0))
+                self.S[_key(_bias_of(name), t)] = nn.Parameter(torch.full((n,), cfg.s0))
 
     # -- accessors -----------------------------------------------------------------------------
     def a(self, name: str) -> list[Tensor]:
@@ -150,7 +155,10 @@ class ImportanceBank(nn.Module):
         return out
 
     def dominance(self, name: str) -> Tensor:
-        """D for the shared weight or norm ``name``: shape [T_W, ...] in its task order."""
+        """D for the shared weight, norm weight or norm bias ``name``: [T_W, ...] in task order.
+
+        Norm parameters have no learned A (the authors' A is 1), so pi_t = |S_t|.
+        """
         if name in self.tasks_of:
             return dominance(self.a(name), self.s(name))
         scales = self.s(name)
@@ -166,6 +174,10 @@ class ImportanceBank(nn.Module):
                     d = d.mean(dim=-1)
                 out[name] = {t: d[i].detach().clone() for i, t in enumerate(self.tasks_of[name])}
         return out
+
+
+def _bias_of(weight_name: str) -> str:
+    return weight_name[: -len("weight")] + "bias"
 
 
 def _key(name: str, task: str) -> str:

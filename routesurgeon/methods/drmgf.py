@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from routesurgeon.errors import LossError
+from routesurgeon.importance import dominance
 from routesurgeon.methods.registry import register_method
 
 __all__ = ["DRMGF", "DRMGFConfig"]
@@ -34,6 +35,10 @@ class DRMGFConfig:
     epochs: int | None = None  # total epochs planned; route_epochs defaults to half of it
     route_epochs: int | None = None  # epochs with the gated forward (None: epochs // 2, or all)
     ema: float = 0.9  # after route_epochs: p = (1 - ema) * p_new + ema * p_start
+    # What the EMA smooths. "importance": A and S (the authors' code: model_segnet_mt_DRMGF.py
+    # lines 514-518 smooth the weighting model's parameters, not the network's); "model": every
+    # model parameter towards its value at the start of the cycle.
+    ema_target: str = "importance"
     s_lr: float = 0.1  # Adam lr of the meta scales S
     importance_lr: float | None = None  # Adam lr of A (default: the model optimizer's lr)
     task_order: Sequence[str] | None = None
@@ -51,6 +56,10 @@ class DRMGF:
 
     def __init__(self, context: Any, **config: Any) -> None:
         self.cfg = DRMGFConfig(**config)
+        if self.cfg.ema_target not in ("importance", "model"):
+            raise ValueError(
+                f"ema_target must be 'importance' or 'model', got {self.cfg.ema_target!r}"
+            )
         self.surgeon = context
         self.tasks = list(context.tasks)
         order = list(self.cfg.task_order or self.tasks)
@@ -81,8 +90,18 @@ class DRMGF:
                 "s_opt": self._s_opt.state_dict() if self._s_opt else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("imp_opt") and self._imp_opt is not None:
+        # the optimizers are built lazily by fit_epoch: keep the state until then
+        self._pending_state: Mapping[str, Any] | None = state
+        if self._imp_opt is not None:
+            self._load_pending()
+
+    def _load_pending(self) -> None:
+        state = getattr(self, "_pending_state", None)
+        self._pending_state = None
+        if state and state.get("imp_opt") and self._imp_opt is not None:
             self._imp_opt.load_state_dict(state["imp_opt"])
+        if state and state.get("s_opt") and self._s_opt is not None:
+            self._s_opt.load_state_dict(state["s_opt"])
 
     # -- one epoch ---------------------------------------------------------------------------------
     def _route_phase(self, epoch: int) -> bool:
@@ -97,6 +116,7 @@ class DRMGF:
             lr = self.cfg.importance_lr or trainer.optimizer.param_groups[0]["lr"]
             self._imp_opt = torch.optim.Adam(self.surgeon.importance_parameters(), lr=lr)
             self._s_opt = torch.optim.Adam(self.surgeon.scale_parameters(), lr=self.cfg.s_lr)
+            self._load_pending()
         routed = self._route_phase(trainer.epoch)
         losses: dict[str, list[float]] = {t: [] for t in self.tasks}
         if self.cfg.cycle_steps is None:
@@ -113,6 +133,8 @@ class DRMGF:
                routed: bool, losses: dict[str, list[float]]) -> None:
         s = self.surgeon
         theta0 = {n: p.detach().clone() for n, p in self.params.items()}
+        bank_params = [*self.bank.A.values(), *self.bank.S.values()]
+        bank0 = [p.detach().clone() for p in bank_params]
         dtype = getattr(torch, self.cfg.delta_dtype)
         deltas: dict[str, dict[str, Tensor]] = {}
         bn_snaps: dict[str, dict[str, Tensor]] = {}
@@ -133,15 +155,18 @@ class DRMGF:
                 else:
                     outs = trainer.task_outputs(s(*args))
                 task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
-                bad = _nonfinite(task_losses)
-                if bad:
-                    trainer._skip(f"non-finite loss for tasks {bad} in the {t} pass")
+                trainer._batch = (tuple(args), targets, loss_fns)  # for the guard's diagnosis
+                if not trainer.check_step_losses(task_losses, f" in the {t} pass"):
                     continue
                 total = sum(
                     weights.get(k, 1.0) * (1.0 if k == t else self.cfg.alpha) * v
                     for k, v in task_losses.items()
                 )
                 total.backward()
+                imp = list(self._imp_opt.param_groups[0]["params"]) if routed else []  # type: ignore[union-attr]
+                if not trainer.guard_step(trainer.optimizer_params() + imp, f" in the {t} pass"):
+                    continue
+                trainer._consecutive_bad = 0
                 trainer.optimizer.step()
                 if routed:
                     self._imp_opt.step()  # type: ignore[union-attr]
@@ -158,19 +183,26 @@ class DRMGF:
                 bn_snaps[t] = {n: b.detach().clone() for n, b in s.model.named_buffers()
                                if n.endswith(("running_mean", "running_var"))}
         self._fuse(trainer, batches, loss_fns, theta0, deltas, bn_snaps)
-        if not routed:  # phase 2: smooth every parameter towards the cycle's start
+        if not routed:  # phase 2: EMA towards the cycle's start
+            e = self.cfg.ema
             with torch.no_grad():
-                e = self.cfg.ema
-                for n, p in self.params.items():
-                    p.copy_((1 - e) * p + e * theta0[n])
+                if self.cfg.ema_target == "importance":
+                    for p, p0 in zip(bank_params, bank0, strict=True):
+                        p.copy_((1 - e) * p + e * p0)
+                else:
+                    for n, p in self.params.items():
+                        p.copy_((1 - e) * p + e * theta0[n])
 
     # -- fusion ----------------------------------------------------------------------------------
-    def fused(self, theta0: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]]
-              ) -> dict[str, Tensor]:
-        """Fused parameters as a differentiable function of S (A detached)."""
+    def fused(self, theta0: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]],
+              only: set[str] | None = None, skip: set[str] | None = None) -> dict[str, Tensor]:
+        """Fused parameters as a differentiable function of S (A detached); ``only`` / ``skip``
+        restrict which parameters are computed."""
         out: dict[str, Tensor] = {}
         bank = self.bank
         for n, p0 in theta0.items():
+            if (only is not None and n not in only) or (skip is not None and n in skip):
+                continue
             tasks = [t for t in self.tasks if n in deltas.get(t, {})]
             if not tasks:
                 out[n] = p0
@@ -181,8 +213,6 @@ class DRMGF:
             elif n in bank.tasks_of or n in bank.norm_tasks:
                 order = bank.tasks_of.get(n) or bank.norm_tasks[n]
                 if n in bank.tasks_of:
-                    from routesurgeon.importance import dominance
-
                     d = dominance([a.detach() for a in bank.a(n)], bank.s(n))
                 else:
                     d = bank.dominance(n)
@@ -202,18 +232,31 @@ class DRMGF:
         self._merge_bn(bn_snaps)
         s.train()
         n_batches = 0
+        in_graph = {n for n, _ in s.graph_module.named_parameters()}
+        bank = self.bank
+        # only shared weights and norms depend on S: fuse the rest once
+        dynamic = {n for n in in_graph if (n in bank.tasks_of or n in bank.norm_tasks)
+                   and sum(n in deltas.get(t, {}) for t in self.tasks) > 1}
+        with torch.no_grad():
+            static = {n: v for n, v in self.fused(theta0, deltas, skip=dynamic).items()
+                      if n in in_graph}
         for inputs, targets in trainer._bar(batches, "fuse"):
             if self.cfg.s_batches is not None and n_batches >= self.cfg.s_batches:
                 break
             args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
             self._s_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-            params = self.fused(theta0, deltas)
+            params = {**static, **self.fused(theta0, deltas, only=dynamic)}
             out = torch.func.functional_call(s.graph_module, params, args, strict=False)
             outs = trainer.task_outputs(out)
             task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
-            if _nonfinite(task_losses):
+            trainer._batch = None
+            if not trainer.check_step_losses(task_losses, " in the fusion pass"):
                 continue
             sum(task_losses.values()).backward()
+            scales = list(self.surgeon.scale_parameters())
+            if not trainer.guard_step(scales, " of the meta scales S in the fusion pass"):
+                continue
+            trainer._consecutive_bad = 0
             self._s_opt.step()  # type: ignore[union-attr]
             n_batches += 1
         with torch.no_grad():
@@ -221,7 +264,9 @@ class DRMGF:
                 self.params[n].copy_(v.detach())
 
     def _merge_bn(self, snaps: Mapping[str, Mapping[str, Tensor]]) -> None:
-        """Moment-matched mean of the task snapshots' running statistics."""
+        """Moment-matched mean of the running statistics of the snapshots of the tasks whose
+        route holds the norm (all tasks for a norm without affine weight), as the authors'
+        ``fusing_bn_new`` does (DRMGF_multi_task_0202_fusionextra.py lines 405-445)."""
         if not snaps:
             return
         buffers = dict(self.surgeon.model.named_buffers())
@@ -230,12 +275,15 @@ class DRMGF:
             for n in first:
                 if not n.endswith("running_mean"):
                     continue
-                v = n[: -len("mean")] + "var"
-                means = torch.stack([snaps[t][n] for t in snaps])
+                prefix = n[: -len("running_mean")]
+                v = prefix + "running_var"
+                reach = self.tasks_of.get(prefix + "weight", frozenset())
+                tasks = [t for t in snaps if t in reach] or list(snaps)
+                means = torch.stack([snaps[t][n] for t in tasks])
                 mean = means.mean(0)
                 buffers[n].copy_(mean)
                 if v in first:
-                    second = torch.stack([snaps[t][v] + snaps[t][n] ** 2 for t in snaps]).mean(0)
+                    second = torch.stack([snaps[t][v] + snaps[t][n] ** 2 for t in tasks]).mean(0)
                     buffers[v].copy_((second - mean**2).clamp_min(0))
 
 

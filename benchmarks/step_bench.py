@@ -1,0 +1,234 @@
+"""Cost of every training method relative to equal weighting, measured side by side in one run.
+
+For T = 2, 3, 5 tasks on a timm resnet18 with T linear heads and an smp Unet with T dense heads
+(CPU), per method: wall time per epoch and per step, peak memory growth during the epoch (the
+process's peak RSS, reset before each measurement through /proc/self/clear_refs), and passes over
+the data per epoch, each relative to equal weighting (the plain summed-loss step). Methods are timed
+in interleaved rounds (median over rounds) so that load on a shared machine hits all alike.
+
+The drmgf-step modes also report their accuracy: the cosine similarity of their gradient to the
+exact mode's gradient on the same batch, at random (unequal) importance. The cosine of the plain
+summed-loss gradient to the exact one is printed beside them as the reference point.
+
+Run: ``python benchmarks/step_bench.py`` (``--quick`` for one model, T = 3, fewer methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import routesurgeon as rs
+
+METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("equal", "equal", {}),
+    ("drmgf-step", "drmgf-step", {}),
+    ("step:depth.75", "drmgf-step", {"mode": "depth", "per_task_from": 0.75}),
+    ("step:branch", "drmgf-step", {"mode": "branch", "gated_every": 10**9}),
+    ("drmgf", "drmgf", {"route_epochs": 1000}),  # phase 1 (gated forward)
+    ("pcgrad", "pcgrad", {}),
+    ("cagrad", "cagrad", {}),
+    ("upgrad", "upgrad", {}),
+    ("nash-mtl", "nash-mtl", {}),
+    ("mgda", "mgda", {}),
+    ("imtl-g", "imtl-g", {}),
+    ("famo", "famo", {}),
+    ("uncertainty", "uncertainty", {}),
+    ("imta-ge", "imta-ge", {}),
+]
+
+
+class ResnetHeads(nn.Module):
+    def __init__(self, tasks: int) -> None:
+        super().__init__()
+        import timm
+
+        self.trunk = timm.create_model("resnet18", pretrained=False, num_classes=0)
+        self.heads = nn.ModuleDict({f"t{i}": nn.Linear(512, 10) for i in range(tasks)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {k: h(z) for k, h in self.heads.items()}
+
+
+class UnetHeads(nn.Module):
+    def __init__(self, tasks: int) -> None:
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        self.net = smp.Unet("resnet18", encoder_weights=None, classes=16)
+        self.heads = nn.ModuleDict({f"t{i}": nn.Conv2d(16, 2, 1) for i in range(tasks)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.net(x)
+        return {k: h(z) for k, h in self.heads.items()}
+
+
+# -- memory: the process's peak RSS, reset before each measurement ------------------------------
+def _status(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024.0  # kB -> MB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> float:
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _peak() -> float:
+    return _status("VmHWM")
+
+
+# -- one model, one T ----------------------------------------------------------------------------
+def _setup(model_name: str, tasks: int, batch: int, size: int, steps: int
+           ) -> tuple[rs.Surgeon, list[Any], dict[str, Callable[..., Any]]]:
+    torch.manual_seed(0)
+    model = (ResnetHeads if model_name == "resnet18" else UnetHeads)(tasks).train()
+    x = torch.randn(batch, 3, size, size)
+    s = rs.instrument(model, x[:2])
+    dense = model_name != "resnet18"
+    targets = {f"t{i}": (torch.randint(0, 2, (batch, size, size)) if dense
+                         else torch.randint(0, 10, (batch,))) for i in range(tasks)}
+    return s, [(x, targets)] * steps, dict.fromkeys(targets, F.cross_entropy)
+
+
+def _trainer(s: rs.Surgeon, method: str, cfg: dict[str, Any]) -> rs.Trainer:
+    opt = torch.optim.SGD(s.model_parameters(), lr=1e-4)
+    return rs.Trainer(s, opt, method=method, config=cfg, progress=False)
+
+
+def _accuracy(s: rs.Surgeon, data: list[Any], loss_fns: dict[str, Any]) -> dict[str, float]:
+    """Cosine of each cheap mode's gradient (and of the summed-loss one) to the exact mode's."""
+    from routesurgeon.methods.drmgf_step import DRMGFStep
+
+    g = torch.Generator().manual_seed(1)
+    saved = [p.detach().clone() for p in s.importance_parameters()]
+    with torch.no_grad():
+        for p in s.importance_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) * 1.9 + 0.1)
+    x, targets = data[0]
+
+    def grad(**cfg: Any) -> torch.Tensor:
+        s.zero_grad(set_to_none=True)
+        m = DRMGFStep(s, importance="gated", **cfg)
+        out = m.forward(x)
+        m.backward({t: loss_fns[t](out[t], targets[t]) for t in s.tasks})
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in s.model.parameters()])
+
+    def plain() -> torch.Tensor:
+        s.zero_grad(set_to_none=True)
+        out = s(x)
+        sum(loss_fns[t](out[t], targets[t]) for t in s.tasks).backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in s.model.parameters()])
+
+    exact = grad()
+    res = {"step:depth.75": grad(mode="depth", per_task_from=0.75),
+           "step:branch": grad(mode="branch"), "equal": plain()}
+    with torch.no_grad():
+        for p, v in zip(s.importance_parameters(), saved, strict=True):
+            p.copy_(v)
+    s.zero_grad(set_to_none=True)
+    return {k: float(F.cosine_similarity(v, exact, dim=0)) for k, v in res.items()}
+
+
+def bench(model_name: str, tasks: int, methods: list[tuple[str, str, dict[str, Any]]],
+          batch: int, size: int, steps: int, rounds: int) -> list[dict[str, Any]]:
+    s, data, loss_fns = _setup(model_name, tasks, batch, size, steps)
+    acc = _accuracy(s, data, loss_fns)
+    trainers = {}
+    for label, method, cfg in methods:
+        tr = _trainer(s, method, cfg)
+        tr.fit_epoch(data[:1], loss_fns)  # warm-up (drmgf: one small cycle)
+        trainers[label] = tr
+    times: dict[str, list[float]] = {label: [] for label, _, _ in methods}
+    peaks: dict[str, float] = {}
+    passes: dict[str, int] = {}
+    for _ in range(rounds):
+        for label, _, _ in methods:
+            base = _reset_peak()
+            t0 = time.perf_counter()
+            rec = trainers[label].fit_epoch(data, loss_fns)
+            times[label].append(time.perf_counter() - t0)
+            peaks[label] = max(peaks.get(label, 0.0), _peak() - base)
+            passes[label] = int(rec.get("passes", 1))
+    rows = []
+    for label, _, _ in methods:
+        epoch = statistics.median(times[label])
+        rows.append({"model": model_name, "T": tasks, "method": label, "epoch_s": epoch,
+                     "step_s": epoch / steps, "peak_mb": peaks[label], "passes": passes[label],
+                     "cos_exact": acc.get(label, 1.0 if label == "drmgf-step" else None)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default="resnet18,unet")
+    ap.add_argument("--tasks", default="2,3,5")
+    ap.add_argument("--methods", default=",".join(label for label, _, _ in METHODS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.models, args.tasks, args.rounds = "resnet18", "3", 2
+        args.methods = "equal,drmgf-step,step:depth.75,step:branch,drmgf,pcgrad"
+    wanted = args.methods.split(",")
+    methods = [m for m in METHODS if m[0] in wanted]
+    if not methods or methods[0][0] != "equal":
+        raise SystemExit("the method list must start with 'equal' (the reference)")
+    print(f"CPU, {args.threads} thread(s), batch {args.batch}, {args.size}x{args.size}, "
+          f"{args.steps} steps per epoch, median of {args.rounds} interleaved rounds")
+    head = (f"{'model':8s} {'T':>2s} {'method':14s} {'step ms':>8s} {'x equal':>8s} "
+            f"{'epoch x':>8s} {'passes':>6s} {'peak MB':>8s} {'x equal':>8s} {'cos exact':>9s}")
+    print(head)
+    verdicts = []
+    for model in args.models.split(","):
+        for t in map(int, args.tasks.split(",")):
+            rows = bench(model, t, methods, args.batch, args.size, args.steps, args.rounds)
+            base = rows[0]
+            by = {r["method"]: r for r in rows}
+            for r in rows:
+                cos = "" if r["cos_exact"] is None else f"{r['cos_exact']:9.4f}"
+                print(f"{model:8s} {t:2d} {r['method']:14s} {r['step_s'] * 1e3:8.1f} "
+                      f"{r['step_s'] / base['step_s']:8.2f} {r['epoch_s'] / base['epoch_s']:8.2f} "
+                      f"{r['passes']:6d} {r['peak_mb']:8.0f} "
+                      f"{r['peak_mb'] / max(base['peak_mb'], 1.0):8.2f} {cos}", flush=True)
+            step = by.get("drmgf-step")
+            if step is not None and "pcgrad" in by:
+                verdicts.append((f"{model} T={t}: drmgf-step below pcgrad",
+                                 step["step_s"] < by["pcgrad"]["step_s"]))
+            if step is not None and t == 3:
+                verdicts.append((f"{model} T=3: drmgf-step <= 1.8x equal",
+                                 step["step_s"] <= 1.8 * base["step_s"]))
+            if "drmgf" in by:
+                verdicts.append((f"{model} T={t}: drmgf <= (T + 1.2)x equal per epoch",
+                                 by["drmgf"]["epoch_s"] <= (t + 1.2) * base["epoch_s"]))
+    for what, ok in verdicts:
+        print(f"{'PASS' if ok else 'FAIL'}  {what}")
+
+
+if __name__ == "__main__":
+    main()
