@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,13 +20,20 @@ import torch.fx as fx
 from torch import nn
 
 from routesurgeon.channels import ChannelGroups, Space
-from routesurgeon.errors import ExportError
-from routesurgeon.routes import RouteMask
+from routesurgeon.errors import ExportError, InputError, TaskError
+from routesurgeon.routes import RouteInfo, RouteMask, route_mask, union_mask
 
 if TYPE_CHECKING:
     from routesurgeon.surgeon import Surgeon
 
-__all__ = ["masked_graph", "prune_graph", "task_graph", "verify_route"]
+__all__ = [
+    "export_routes",
+    "masked_graph",
+    "outputs_graph",
+    "prune_graph",
+    "task_graph",
+    "verify_route",
+]
 
 
 def _attr(root: nn.Module, path: str) -> Any:
@@ -50,16 +57,32 @@ def _build(graph: fx.Graph, source: nn.Module, overrides: Mapping[str, Any], nam
 
 def task_graph(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
     """A copy of ``gm``'s graph that returns only ``node``, dead code removed."""
+    return outputs_graph(gm, node)
+
+
+def outputs_graph(gm: fx.GraphModule, result: fx.Node | Mapping[str, fx.Node]
+                  ) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm``'s graph returning ``result`` (a node or a dict of nodes), dead code gone."""
     graph = fx.Graph(owning_module=gm)
     env: dict[fx.Node, fx.Node] = {}
     for n in gm.graph.nodes:
         if n.op == "output":
             continue
         env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(env[node])
+    if isinstance(result, fx.Node):
+        graph.output(env[result])
+    else:
+        graph.output({name: env[n] for name, n in result.items()})
     graph.eliminate_dead_code()
     alive = set(graph.nodes)
     return graph, {k: v for k, v in env.items() if v in alive}
+
+
+def _route_outputs(surgeon: Surgeon, mask: RouteMask) -> fx.Node | dict[str, fx.Node]:
+    """The output node of a single-task mask, or ``{task: node}`` of a union mask."""
+    if mask.tasks is None:
+        return surgeon.outputs.node_of(mask.task)
+    return {t: surgeon.outputs.node_of(t) for t in mask.tasks}
 
 
 def _keep(groups: ChannelGroups, pruned: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -67,10 +90,13 @@ def _keep(groups: ChannelGroups, pruned: np.ndarray, ids: np.ndarray) -> np.ndar
 
 
 def masked_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
-    """The full graph for ``mask.task`` with the route's dropped channels zeroed (the reference)."""
+    """The full graph for ``mask``'s task(s) with the dropped channels zeroed (the reference).
+
+    A union mask (``mask.tasks`` set) gives a graph returning ``{task: output}``.
+    """
     gm = surgeon.traced.eval_graph
     groups = surgeon.channel_groups
-    graph, env = task_graph(gm, surgeon.outputs.node_of(mask.task))
+    graph, env = outputs_graph(gm, _route_outputs(surgeon, mask))
     extra: dict[str, Any] = {}
     for old, entries in groups.state.masks_at.items():
         if old not in env:
@@ -127,11 +153,14 @@ def _multiplier(m: nn.modules.conv._ConvNd) -> int:
 
 
 def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
-    """The route of ``mask.task`` as a standalone GraphModule with sliced standard modules."""
+    """The route of ``mask`` as a standalone GraphModule with sliced standard modules.
+
+    A union mask (``mask.tasks`` set) gives one graph returning ``{task: output}``.
+    """
     gm = surgeon.traced.eval_graph
     groups = surgeon.channel_groups
     st = groups.state
-    graph, env = task_graph(gm, surgeon.outputs.node_of(mask.task))
+    graph, env = outputs_graph(gm, _route_outputs(surgeon, mask))
     used_modules = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     used_attrs = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
     # 1. new tensors for every sliced parameter/buffer
@@ -207,8 +236,23 @@ def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
             items[pos] = slice(new_start, new_stop, None)
             new_node.args = (new_node.args[0], tuple(items) if isinstance(idx, tuple)
                              else items[0])
+    # 3. functional grouped (depthwise) convs name their group count in the graph
+    for old, info in st.layers.items():
+        if old not in env or old.op != "call_function" or info.get("groups", 1) == 1:
+            continue
+        keep = _keep(groups, mask.pruned, info["in"])
+        if keep.all():
+            continue
+        _set_arg(env[old], 6, "groups", int(keep.sum()))
     route = _build(graph, gm, overrides, f"Route_{_ident(mask.task)}")
     return route.eval()
+
+
+def _set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
+    if name in node.kwargs or len(node.args) <= index:
+        node.kwargs = {**node.kwargs, name: value}
+    else:
+        node.args = tuple(value if i == index else a for i, a in enumerate(node.args))
 
 
 def _slice_position(items: list[Any], dim: int) -> int:
@@ -237,18 +281,85 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def verify_route(route: fx.GraphModule, reference: fx.GraphModule, inputs: list[Any],
                  task: str, tol: float = 1e-5) -> float:
-    """Raise ``ExportError`` unless ``route`` matches ``reference`` within ``tol`` (relative)."""
+    """Raise ``ExportError`` unless ``route`` matches ``reference`` within ``tol`` (relative).
+
+    Union routes return ``{task: output}``: every output is checked. Returns the largest error.
+    """
     with torch.no_grad():
         try:
             got = route(*inputs)
         except Exception as e:
             raise ExportError(f"route {task!r} fails to run after pruning: {e}") from e
         want = reference(*inputs)
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or set(got) != set(want):
+            raise ExportError(f"union route {task!r} returns {type(got).__name__} "
+                              f"{sorted(got) if isinstance(got, dict) else ''}, the masked "
+                              f"reference a dict of {sorted(want)}")
+        return max(_check_one(got[t], want[t], f"{task!r} output {t!r}", tol) for t in want)
+    return _check_one(got, want, repr(task), tol)
+
+
+def _check_one(got: Any, want: torch.Tensor, what: str, tol: float) -> float:
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-        raise ExportError(f"route {task!r} returns shape {getattr(got, 'shape', None)}, "
+        raise ExportError(f"route {what} returns shape {getattr(got, 'shape', None)}, "
                           f"the masked reference {tuple(want.shape)}")
     err = relative_error(got, want)
     if not err <= tol:
-        raise ExportError(f"route {task!r} differs from its masked reference by {err:.3g} "
+        raise ExportError(f"route {what} differs from its masked reference by {err:.3g} "
                           f"(relative; tolerance {tol:g}): refusing to return a wrong model")
     return err
+
+
+def _scores_kind(scores: Any) -> str:
+    if scores is None or scores == "importance":
+        return "importance"
+    return scores if isinstance(scores, str) else "custom"
+
+
+def _finish(route: fx.GraphModule, mask: RouteMask, tasks: tuple[str, ...], err: float,
+            inputs: list[Any], keep: float | None, threshold: float | None, scores: Any,
+            tol: float) -> fx.GraphModule:
+    route.meta_route = mask  # type: ignore[assignment]
+    route.meta["routesurgeon"] = RouteInfo(
+        mask=mask, tasks=tasks, keep=keep, threshold=threshold, scores=_scores_kind(scores),
+        tol=tol, error=err, example_inputs=tuple(inputs))
+    return route
+
+
+def export_routes(
+    surgeon: Surgeon,
+    keep: float | None = 0.5,
+    threshold: float | None = None,
+    scores: Any = None,
+    tasks: Sequence[str] | None = None,
+    verify_inputs: Sequence[Any] | None = None,
+    tol: float = 1e-5,
+    union: bool = False,
+) -> dict[str, fx.GraphModule] | fx.GraphModule:
+    """Per task a pruned, verified route; with ``union=True`` one graph serving all ``tasks``.
+
+    The union keeps a channel if any chosen task's route keeps it, computes what the tasks share
+    once and returns ``{task: output}``; each output is verified against its masked reference.
+    Every route carries a ``RouteInfo`` as ``route.meta["routesurgeon"]``.
+    """
+    chosen = list(surgeon.tasks) if tasks is None else list(tasks)
+    for t in chosen:
+        surgeon.topology._check_task(t)
+    if len(set(chosen)) != len(chosen):
+        raise TaskError(f"duplicate task in {chosen}")
+    if not chosen:
+        raise InputError("export_routes(tasks=[]) asks for no task; pass at least one task name")
+    inputs = list(verify_inputs) if verify_inputs is not None else surgeon.example_inputs()
+    masks = {t: route_mask(surgeon, t, keep, threshold, scores) for t in chosen}
+    if union:
+        mask = union_mask(surgeon, [masks[t] for t in chosen])
+        route = prune_graph(surgeon, mask)
+        err = verify_route(route, masked_graph(surgeon, mask), inputs, mask.task, tol)
+        return _finish(route, mask, tuple(chosen), err, inputs, keep, threshold, scores, tol)
+    routes: dict[str, fx.GraphModule] = {}
+    for t, mask in masks.items():
+        route = prune_graph(surgeon, mask)
+        err = verify_route(route, masked_graph(surgeon, mask), inputs, t, tol)
+        routes[t] = _finish(route, mask, (t,), err, inputs, keep, threshold, scores, tol)
+    return routes

@@ -9,7 +9,7 @@ cannot change its output.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
@@ -22,7 +22,15 @@ from routesurgeon.errors import InputError, TaskError
 if TYPE_CHECKING:
     from routesurgeon.surgeon import Surgeon
 
-__all__ = ["RouteMask", "Scores", "layer_name", "magnitude_scores", "route_mask"]
+__all__ = [
+    "RouteInfo",
+    "RouteMask",
+    "Scores",
+    "layer_name",
+    "magnitude_scores",
+    "route_mask",
+    "union_mask",
+]
 
 Scores = Union[str, Mapping[str, Mapping[str, Any]], None]  # noqa: UP007 (runtime alias)
 
@@ -37,12 +45,13 @@ def layer_name(gm: fx.GraphModule, node: fx.Node, info: Mapping[str, Any]) -> st
 
 @dataclass(frozen=True)
 class RouteMask:
-    """The channel groups one task keeps."""
+    """The channel groups one task keeps (or, for a union mask, any of ``tasks`` keeps)."""
 
     task: str
     pruned: np.ndarray  # bool per channel group
     kept: dict[str, np.ndarray]  # layer name -> kept output channel indices
     channels: dict[str, int]  # layer name -> original output channels
+    tasks: tuple[str, ...] | None = None  # set on union masks: the tasks it serves
 
     @property
     def kept_fraction(self) -> float:
@@ -117,6 +126,10 @@ def route_mask(
             continue
         per_task = table[name]
         if task not in per_task:
+            if not surgeon._reach.get(node, 0) & bit:
+                # the layer does not reach the task (learned scores omit it); its channels may
+                # still be coupled with ones the task uses: the group is scored by those
+                continue
             raise TaskError(f"scores for layer {name!r} have no task {task!r}")
         s = np.asarray(torch.as_tensor(per_task[task]).detach().double().cpu().numpy())
         if s.shape != (len(info["out"]),):
@@ -147,6 +160,7 @@ def route_mask(
                 chosen = cand[np.argsort(-sc, kind="stable")[:k]]
             keep_group[chosen] = True
     pruned |= candidate & ~keep_group
+    _keep_an_input(groups, pruned, candidate, group_score)
     for node, info in groups.layers.items():
         if info["kind"] == "norm":
             continue
@@ -155,3 +169,58 @@ def route_mask(
         kept[name] = np.flatnonzero(~pruned[labels])
         channels[name] = len(labels)
     return RouteMask(task, pruned, kept, channels)
+
+
+def _keep_an_input(groups: Any, pruned: np.ndarray, candidate: np.ndarray,
+                   group_score: np.ndarray) -> None:
+    """A layer the route keeps must keep an input channel: un-prune its best candidate input group.
+
+    Per-layer ``keep`` counts only a layer's *output* groups; an input group (e.g. the one channel
+    a split hands to a branch) can still be dropped whole, leaving a conv with no inputs. Repeat
+    until no kept layer has every input pruned (only un-prunes, so it terminates).
+    """
+    changed = True
+    while changed:
+        changed = False
+        for info in groups.layers.values():
+            if info["kind"] == "norm" or len(info["in"]) == 0:
+                continue
+            if pruned[groups.labels[info["out"]]].all():
+                continue  # the layer is not on the route
+            ins = np.unique(groups.labels[info["in"]])
+            if not pruned[ins].all():
+                continue
+            cand = ins[candidate[ins]]
+            if len(cand):
+                pruned[cand[int(np.argmax(group_score[cand]))]] = False
+                changed = True
+
+
+def union_mask(surgeon: Surgeon, masks: Sequence[RouteMask]) -> RouteMask:
+    """The union of single-task routes: a channel group is kept if any of ``masks`` keeps it."""
+    if not masks:
+        raise InputError("a union of routes needs at least one task")
+    tasks = tuple(m.task for m in masks)
+    if len(set(tasks)) != len(tasks):
+        raise TaskError(f"duplicate task in a union of routes: {list(tasks)}")
+    pruned = np.logical_and.reduce([m.pruned for m in masks])
+    groups, gm = surgeon.channel_groups, surgeon.traced.eval_graph
+    layer_ids = {layer_name(gm, node, info): groups.labels[info["out"]]
+                 for node, info in groups.layers.items() if info["kind"] != "norm"}
+    kept = {name: np.flatnonzero(~pruned[labels]) for name, labels in layer_ids.items()}
+    channels = {name: len(labels) for name, labels in layer_ids.items()}
+    return RouteMask("+".join(tasks), pruned, kept, channels, tasks=tasks)
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """What an exported route is: stored on it as ``route.meta["routesurgeon"]``."""
+
+    mask: RouteMask
+    tasks: tuple[str, ...]  # the outputs it computes (one, or several for a union)
+    keep: float | None
+    threshold: float | None
+    scores: str  # "magnitude", "importance" or "custom"
+    tol: float  # relative tolerance it was verified to
+    error: float  # measured relative error against the masked reference
+    example_inputs: tuple[Any, ...]  # the inputs it was verified on (placeholder order)
