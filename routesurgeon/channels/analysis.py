@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ from routesurgeon.channels.state import AnalysisState, Space
 from routesurgeon.outputs import OutputSpec
 
 __all__ = ["ChannelGroups", "analyse_channels"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,6 +133,12 @@ def analyse_channels(
     for ids, bits in st.consumed:
         if bits and len(ids):
             np.bitwise_or.at(reach, labels[ids], bits)
+    kept_whole: dict[str, int] = {}
+    for why in reasons.values():
+        if not why.startswith("model output"):
+            kept_whole[why] = kept_whole.get(why, 0) + 1
+    for why, n in kept_whole.items():
+        log.info("channel group%s kept whole (never pruned): %s", "s" * (n > 1), why)
     return ChannelGroups(st, labels, k, fixed, reasons, reach, tuple(outputs.tasks))
 
 
