@@ -3,23 +3,34 @@
 Per-step methods (the baselines and ``drmgf-step``) expose ``trainer.forward`` /
 ``trainer.backward(losses)`` for users who keep their own loop; ``fit_epoch`` runs a whole epoch
 with a progress bar for every method, including the per-epoch reference ``drmgf``.
+
+Resumable runs: ``trainer.save_checkpoint(path)`` / ``Trainer.resume(path, ...)`` (see
+``routesurgeon.checkpoint``); ``fit_epoch(..., checkpoint=path, checkpoint_every=k)`` checkpoints
+every k steps (per-step methods, resumed mid-epoch) and at every epoch end (every method).
+Numerical guards: a non-finite task loss, gradient or importance/scale value skips the step before
+anything is written (counted in ``skipped`` and the history); ``max_nonfinite`` consecutive skips
+stop the run with a ``LossError`` naming the task and the layer.
+Data parallel: see ``routesurgeon.distributed`` (the trainer detects an initialised process group).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from routesurgeon.errors import LossError
+from routesurgeon import checkpoint as ckpt
+from routesurgeon import distributed as rsdist
+from routesurgeon.errors import CheckpointError, LossError
+from routesurgeon.guards import check_call_inputs
 from routesurgeon.methods.registry import get_method_class
 from routesurgeon.outputs import leaf_values
 from routesurgeon.surgeon import Surgeon
 
-__all__ = ["Trainer", "check_losses"]
+__all__ = ["Trainer", "check_losses", "diagnose_nonfinite"]
 
 LossFn = Callable[[Tensor, Any], Tensor]
 
@@ -42,6 +53,14 @@ def check_losses(tasks: list[str], losses: Mapping[str, Tensor]) -> list[str]:
         if not torch.isfinite(v.detach()).item():
             bad.append(t)
     return bad
+
+
+def _check_loss_fns(tasks: list[str], loss_fns: Mapping[str, Any]) -> None:
+    unknown = [k for k in loss_fns if k not in tasks]
+    missing = [t for t in tasks if t not in loss_fns]
+    if unknown or missing:
+        raise LossError(f"loss_fns must name every task exactly: missing {missing}, "
+                        f"unknown {unknown}; tasks are {tasks}")
 
 
 class Trainer:
@@ -81,52 +100,178 @@ class Trainer:
         self._consecutive_bad = 0
         self.epoch = 0
         self.step_count = 0
+        self.comm = rsdist.CommStats()
+        self._progress: dict[str, Any] | None = None  # mid-epoch position (checkpoints)
+        self._batch: tuple[tuple[Any, ...], Mapping[str, Any], Mapping[str, LossFn]] | None = None
+        self._global_losses: dict[str, float] | None = None
+        if rsdist.is_distributed():
+            if self.method_name not in rsdist.EXACT_METHODS:
+                raise NotImplementedError(
+                    f"method {self.method_name!r} under torch.distributed: its gradient is not "
+                    f"linear in the per-task gradients, so averaging over ranks would not equal "
+                    f"one process; supported: {sorted(rsdist.EXACT_METHODS)}")
+            if getattr(self.method, "importance_mode", None) == "gated":
+                raise NotImplementedError(
+                    f"{self.method_name!r} with gated importance under torch.distributed: its "
+                    f"Adam step on A from each rank's own batch is not synchronised; use "
+                    f"importance='taylor' (synchronised) or train on one process")
+            self._broadcast_state()
+
+    # -- what is trained -------------------------------------------------------------------------
+    def optimizer_params(self) -> list[nn.Parameter]:
+        """Every parameter the model optimizer (and the importance optimizer) steps."""
+        opts = [self.optimizer] + ([self.importance_optimizer] if self.importance_optimizer
+                                   else [])
+        seen: set[int] = set()
+        out = []
+        for opt in opts:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        out.append(p)
+        return out
+
+    def _param_names(self) -> dict[int, str]:
+        names = {id(p): n for n, p in self.surgeon.model.named_parameters()}
+        for n, p in self.surgeon.importance_bank.named_parameters():
+            names.setdefault(id(p), f"importance_bank.{n}")
+        for i, p in enumerate(self.method.parameters()):
+            names.setdefault(id(p), f"{self.method_name}.param{i}")
+        return names
+
+    def _broadcast_state(self) -> None:
+        bank = self.surgeon.importance_bank
+        tensors = [*self.surgeon.model.state_dict().values(), *bank.parameters(),
+                   *self.method.parameters()]
+        rsdist.broadcast_tensors([t for t in tensors if t.is_floating_point()], stats=self.comm)
 
     # -- step-level API ------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's outputs (through the method's forward when it needs one)."""
         fwd = getattr(self.method, "forward", None)
-        return fwd(*args, **kwargs) if fwd is not None else self.surgeon(*args, **kwargs)
+        if fwd is None:
+            return self.surgeon(*args, **kwargs)
+        check_call_inputs(self.surgeon.model, self.surgeon._example_meta, args, kwargs)
+        return fwd(*args, **kwargs)
 
     def task_outputs(self, outputs: Any) -> dict[str, Tensor]:
         spec = self.surgeon.outputs
         values = leaf_values(outputs, spec.task_outputs)
         return {t: values[o] for t, o in zip(spec.tasks, spec.task_outputs)}
 
+    def check_step_losses(self, losses: Mapping[str, Tensor], where: str = "") -> bool:
+        """Validate ``losses``; on a non-finite loss (on any rank) skip the step, return False.
+
+        Under torch.distributed the T loss values are averaged over ranks (so every rank takes
+        the same decision) and kept as the step's global losses.
+        """
+        bad = check_losses(self.surgeon.tasks, losses)
+        tasks = self.surgeon.tasks
+        if rsdist.is_distributed():
+            vec = torch.stack([losses[t].detach().float().cpu() for t in tasks])
+            rsdist.all_reduce_mean([vec], self.comm)
+            bad = [t for t, v in zip(tasks, vec.tolist()) if not torch.isfinite(torch.tensor(v))]
+            self._global_losses = dict(zip(tasks, vec.tolist()))
+        else:
+            self._global_losses = {t: float(losses[t].detach()) for t in tasks}
+        if bad:
+            self._skip(f"non-finite loss for tasks {bad}{where}", tasks=bad)
+            return False
+        return True
+
+    def guard_step(self, params: Sequence[Tensor] | None = None, where: str = "",
+                   values: Sequence[Tensor] = ()) -> bool:
+        """All-reduce (when distributed) and check the gradients of ``params`` (default: all the
+        optimizers hold) and the tensors ``values``; on a non-finite one zero the gradients, skip
+        the step (raising after ``max_nonfinite`` in a row) and return False."""
+        params = list(self.optimizer_params() if params is None else params)
+        grads = [p.grad for p in params if p.grad is not None]
+        rsdist.all_reduce_mean([*grads, *values], self.comm)
+        finite = all(bool(torch.isfinite(g).all()) for g in [*grads, *values])
+        if finite:
+            return True
+        names = self._param_names()
+        bad = [names.get(id(p), "?") for p in params
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        bad += [names.get(id(v), "importance") for v in values if not torch.isfinite(v).all()]
+        for p in params:
+            p.grad = None
+        self._skip(f"non-finite gradient{where} in {bad[:3]}", params=bad)
+        return False
+
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float] | None:
         """The method's gradients into ``.grad``; ``None`` (and nothing written) on a bad step."""
-        bad = check_losses(self.surgeon.tasks, losses)
-        if bad:
-            return self._skip(f"non-finite loss for tasks {bad}")
+        if not self.check_step_losses(losses):
+            return None
+        bank = self.surgeon.importance_bank
+        state = [p.detach().clone() for p in bank.parameters()]
         stats = self.method.backward(losses)
-        bad_params = [n for n, p in self.surgeon.model.named_parameters()
-                      if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if bad_params:
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._skip(f"non-finite gradient in {bad_params[:3]}")
+        # importance variables a method updates in its backward (drmgf-step's Taylor estimate)
+        if rsdist.is_distributed():  # the same list on every rank
+            synced = list(bank.importance_parameters()) if _updates_importance(self.method) else []
+        else:
+            synced = [p for p, s in zip(bank.parameters(), state) if not torch.equal(p, s)]
+        ok = False
+        try:
+            ok = self.guard_step(values=[p.data for p in synced])
+        finally:
+            if not ok:  # skipped (or stopping): the importance variables stay as they were
+                with torch.no_grad():
+                    for p, s in zip(bank.parameters(), state):
+                        p.copy_(s)
+        if not ok:
+            return None
         self._consecutive_bad = 0
         return stats
 
-    def _skip(self, why: str) -> None:
+    def _skip(self, why: str, tasks: Sequence[str] = (), params: Sequence[str] = ()) -> None:
         self.skipped += 1
         self._consecutive_bad += 1
         self.optimizer.zero_grad(set_to_none=True)
+        if self.importance_optimizer is not None:
+            self.importance_optimizer.zero_grad(set_to_none=True)
         if self._consecutive_bad >= self.max_nonfinite:
+            detail = self._diagnose(tasks, params)
             raise LossError(f"{self._consecutive_bad} consecutive steps skipped; last: {why}. "
-                            f"Lower the learning rate or check the data and loss functions.")
+                            f"{detail}Lower the learning rate or check the data and loss "
+                            f"functions.")
         return None
+
+    def _diagnose(self, tasks: Sequence[str], params: Sequence[str]) -> str:
+        if self._batch is not None:
+            args, targets, loss_fns = self._batch
+            try:
+                return diagnose_nonfinite(self.surgeon, args, targets, loss_fns) + " "
+            except Exception as e:  # the diagnosis must never hide the original problem
+                return f"(diagnosis failed: {e}) "
+        tasks_of = self.surgeon.param_tasks()
+        layers = sorted({p.rsplit(".", 1)[0] for p in params if p in tasks_of})
+        reach = sorted({t for p in params for t in tasks_of.get(p, ())})
+        if layers:
+            return f"Layers {layers} (reached by tasks {reach}) got non-finite gradients. "
+        return ""
 
     def train_step(self, inputs: Any, targets: Mapping[str, Any],
                    loss_fns: Mapping[str, LossFn]) -> dict[str, float] | None:
         self.surgeon.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.importance_optimizer is not None:
+            self.importance_optimizer.zero_grad(set_to_none=True)
+        _check_loss_fns(self.surgeon.tasks, loss_fns)
         args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         outs = self.task_outputs(self.forward(*args))
         losses = {t: loss_fns[t](outs[t], targets[t]) for t in self.surgeon.tasks}
-        stats = self.backward(losses)
+        self._batch = (tuple(args), targets, loss_fns)
+        try:
+            stats = self.backward(losses)
+        finally:
+            self._batch = None
         if stats is None:
             return None
         self.optimizer.step()
+        if self.importance_optimizer is not None:
+            self.importance_optimizer.step()
 
         def recompute() -> dict[str, Tensor]:
             outs = self.task_outputs(self.forward(*args))
@@ -134,24 +279,37 @@ class Trainer:
 
         self.method.after_step({k: v.detach() for k, v in losses.items()}, recompute=recompute)
         self.step_count += 1
-        return {**stats, **{f"loss/{t}": float(v.detach()) for t, v in losses.items()}}
+        glob = self._global_losses or {t: float(v.detach()) for t, v in losses.items()}
+        return {**stats, **{f"loss/{t}": v for t, v in glob.items()}}
 
     # -- epoch-level API -----------------------------------------------------------------------
-    def fit_epoch(self, loader: Iterable[Any], loss_fns: Mapping[str, LossFn]) -> dict[str, Any]:
-        """One epoch of the method (a per-epoch method runs all its passes); returns its record."""
-        unknown = [k for k in loss_fns if k not in self.surgeon.tasks]
-        missing = [t for t in self.surgeon.tasks if t not in loss_fns]
-        if unknown or missing:
-            raise LossError(f"loss_fns must name every task exactly: missing {missing}, "
-                            f"unknown {unknown}; tasks are {self.surgeon.tasks}")
+    def fit_epoch(self, loader: Iterable[Any], loss_fns: Mapping[str, LossFn],
+                  checkpoint: str | None = None, checkpoint_every: int | None = None,
+                  on_step: Callable[[int, dict[str, float]], None] | None = None
+                  ) -> dict[str, Any]:
+        """One epoch of the method (a per-epoch method runs all its passes); returns its record.
+
+        With ``checkpoint``, the run is saved there at the end of the epoch and, for per-step
+        methods, every ``checkpoint_every`` steps; a trainer resumed from a mid-epoch checkpoint
+        continues the epoch where it stopped. Exact continuation needs a loader whose batch
+        order depends only on the RNG state when it is iterated (a list, or a ``DataLoader`` with
+        its default generator): the RNG state at the start of the epoch is saved, restored to
+        re-create the iterator, the finished batches are drawn again and dropped.
+        """
+        _check_loss_fns(self.surgeon.tasks, loss_fns)
         t0 = time.perf_counter()
+        skipped0 = self._progress["skipped0"] if self._progress else self.skipped
         fit = getattr(self.method, "fit_epoch", None)
         if fit is not None:
+            if self._progress is not None:
+                raise CheckpointError(f"a mid-epoch checkpoint cannot resume the per-epoch "
+                                      f"method {self.method_name!r}")
             record = fit(self, loader, loss_fns)
         else:
-            record = self._fit_steps(loader, loss_fns)
+            record = self._fit_steps(loader, loss_fns, checkpoint, checkpoint_every, on_step,
+                                     skipped0)
         record.update(epoch=self.epoch, method=self.method_name, time=time.perf_counter() - t0,
-                      skipped=self.skipped)
+                      skipped=self.skipped, skipped_epoch=self.skipped - skipped0)
         if self.surgeon.importance_bank.trained:
             record["importance"] = {
                 layer: {t: float(v.mean()) for t, v in per.items()}
@@ -159,22 +317,45 @@ class Trainer:
             }
         self.history.append(record)
         self.epoch += 1
+        if checkpoint is not None:
+            self.save_checkpoint(checkpoint)
         return record
 
-    def _fit_steps(self, loader: Iterable[Any], loss_fns: Mapping[str, LossFn]) -> dict[str, Any]:
-        sums: dict[str, float] = {}
-        n = 0
-        for inputs, targets in self._bar(loader, self.method_name):
+    def _fit_steps(self, loader: Iterable[Any], loss_fns: Mapping[str, LossFn],
+                   checkpoint: str | None, every: int | None,
+                   on_step: Callable[[int, dict[str, float]], None] | None,
+                   skipped0: int) -> dict[str, Any]:
+        prog = self._progress
+        self._progress = None
+        if prog is None:
+            epoch_rng = ckpt.rng_state()
+            start, n, sums = 0, 0, {}
+            it = iter(loader)
+        else:
+            now = ckpt.rng_state()
+            epoch_rng, start, n, sums = prog["epoch_rng"], prog["batch"], prog["n"], prog["sums"]
+            ckpt.set_rng_state(epoch_rng)
+            it = iter(loader)
+            for _ in range(start):
+                next(it)
+            ckpt.set_rng_state(now)
+        for b, (inputs, targets) in enumerate(self._bar(it, self.method_name), start):
             stats = self.train_step(inputs, targets, loss_fns)
-            if stats is None:
-                continue
-            n += 1
-            for t in self.surgeon.tasks:
-                sums[t] = sums.get(t, 0.0) + stats[f"loss/{t}"]
+            if stats is not None:
+                n += 1
+                for t in self.surgeon.tasks:
+                    sums[t] = sums.get(t, 0.0) + stats[f"loss/{t}"]
+                if on_step is not None:
+                    on_step(self.step_count, stats)
+            if checkpoint is not None and every and (b + 1) % every == 0:
+                self._progress = {"epoch_rng": epoch_rng, "batch": b + 1, "n": n,
+                                  "sums": dict(sums), "skipped0": skipped0}
+                self.save_checkpoint(checkpoint)
+                self._progress = None
         return {"losses": {t: v / max(n, 1) for t, v in sums.items()}, "passes": 1, "steps": n}
 
     def _bar(self, loader: Iterable[Any], desc: str) -> Iterable[Any]:
-        if not self.progress:
+        if not self.progress or rsdist.rank() != 0:
             return loader
         from tqdm.auto import tqdm
 
@@ -204,7 +385,137 @@ class Trainer:
                 {t: {"metric": v} for t, v in result.items()})
         return result
 
+    # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step_count, "skipped": self.skipped,
-                "history": self.history, "method": self.method.state_dict()}
+        """Everything a resumed run needs (see ``save_checkpoint``)."""
+        bank = self.surgeon.importance_bank
+        return {
+            "model": self.surgeon.model.state_dict(),
+            "bank": bank.state_dict(), "bank_trained": bank.trained,
+            "optimizer": self.optimizer.state_dict(),
+            "importance_optimizer": (self.importance_optimizer.state_dict()
+                                     if self.importance_optimizer is not None else None),
+            "method": self.method.state_dict(),
+            "trainer": {"epoch": self.epoch, "step": self.step_count, "skipped": self.skipped,
+                        "consecutive_bad": self._consecutive_bad, "history": self.history},
+            "progress": self._progress,
+            "rng": ckpt.rng_state(),
+        }
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        bank = self.surgeon.importance_bank
+        self.surgeon.model.load_state_dict(state["model"])
+        bank.load_state_dict(state["bank"])
+        bank.trained = bool(state["bank_trained"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.importance_optimizer is not None and state["importance_optimizer"] is not None:
+            self.importance_optimizer.load_state_dict(state["importance_optimizer"])
+        self.method.load_state_dict(state["method"])
+        tr = state["trainer"]
+        self.epoch, self.step_count, self.skipped = tr["epoch"], tr["step"], tr["skipped"]
+        self._consecutive_bad = tr["consecutive_bad"]
+        self.history = list(tr["history"])
+        self._progress = state["progress"]
+        ckpt.set_rng_state(state["rng"])
+
+    def _fingerprint(self) -> list[Any]:
+        return ckpt.fingerprint(self.surgeon.model, self.surgeon.importance_bank)
+
+    def save_checkpoint(self, path: str) -> ckpt.Header | None:
+        """Write the run to ``path`` atomically (rank 0 only under torch.distributed).
+
+        Saved: model weights and buffers, importance variables and meta scales, the method's
+        state, the optimizers' state, epoch/step, skipped-step counts, history, the torch/numpy/
+        Python RNG states and, inside ``fit_epoch``, the position in the epoch.
+        """
+        header = None
+        if rsdist.rank() == 0:
+            header = ckpt.write(path, self.state_dict(), fingerprint=self._fingerprint(),
+                                tasks=self.surgeon.tasks, method=self.method_name,
+                                epoch=self.epoch, step=self.step_count,
+                                world_size=rsdist.world_size())
+        rsdist.barrier()
+        return header
+
+    def load_checkpoint(self, path: str) -> ckpt.Header:
+        """Restore the run saved at ``path`` (refused unless of this model, tasks and method).
+
+        Checkpoints are world-size independent: every rank reads the same file.
+        """
+        header, payload = ckpt.read_payload(path, fingerprint=self._fingerprint(),
+                                            tasks=self.surgeon.tasks, method=self.method_name)
+        self.load_state_dict(payload)
+        return header
+
+    @classmethod
+    def resume(cls, path: str, surgeon: Surgeon, optimizer: torch.optim.Optimizer,
+               method: str | None = None, **kwargs: Any) -> Trainer:
+        """A ``Trainer`` continuing the run saved at ``path`` (method taken from the header)."""
+        header = ckpt.read_header(path)
+        trainer = cls(surgeon, optimizer, method=method or header.method, **kwargs)
+        trainer.load_checkpoint(path)
+        return trainer
+
+
+def _updates_importance(method: Any) -> bool:
+    """Whether the method's backward writes the importance variables (Taylor estimate)."""
+    return getattr(method, "importance_mode", None) == "taylor"
+
+
+# -- diagnosis -------------------------------------------------------------------------------------
+def diagnose_nonfinite(surgeon: Surgeon, args: Sequence[Any], targets: Mapping[str, Any],
+                       loss_fns: Mapping[str, LossFn]) -> str:
+    """Name the task and layer where non-finite values first appear on this batch.
+
+    Runs the forward with an fx interpreter (first node whose output is non-finite), then each
+    task's loss, then each task's gradient on the parameters (the layer nearest the output whose
+    gradient is non-finite). BN statistics and the RNG are restored: nothing is changed.
+    """
+    import torch.fx as fx
+
+    gm = surgeon.graph_module
+    first: list[str] = []
+
+    class Probe(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if (not first and isinstance(out, Tensor) and out.is_floating_point()
+                    and not torch.isfinite(out).all()):
+                first.append(f"input {n.target!r}" if n.op == "placeholder" else
+                             f"layer {n.target!r}" if n.op == "call_module" else
+                             f"op {n.name!r} ({n.target})")
+            return out
+
+    buffers = {k: v.clone() for k, v in surgeon.model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    try:
+        with torch.enable_grad():
+            out = Probe(gm).run(*args)
+            outs = {t: leaf_values(out, surgeon.outputs.task_outputs)[o]
+                    for t, o in zip(surgeon.tasks, surgeon.outputs.task_outputs)}
+            if first:
+                bad = [t for t, v in outs.items() if not torch.isfinite(v).all()]
+                return (f"Non-finite values first appear in the forward at {first[0]} "
+                        f"(outputs of tasks {bad} non-finite).")
+            losses = {t: loss_fns[t](outs[t], targets[t]) for t in surgeon.tasks}
+            bad = [t for t, v in losses.items() if not torch.isfinite(v).all()]
+            if bad:
+                return (f"The model's outputs are finite; the loss function of task {bad[0]!r} "
+                        f"returns a non-finite value.")
+            named = [(n, p) for n, p in surgeon.model.named_parameters() if p.requires_grad]
+            order = {str(n.target): i for i, n in enumerate(gm.graph.nodes)
+                     if n.op in ("call_module", "get_attr")}
+            for t in surgeon.tasks:
+                grads = torch.autograd.grad(losses[t], [p for _, p in named], retain_graph=True,
+                                            allow_unused=True)
+                layers = {n.rsplit(".", 1)[0] if "." in n else n for (n, _), g in zip(named, grads)
+                          if g is not None and not torch.isfinite(g).all()}
+                if layers:
+                    near = max(layers, key=lambda m: order.get(m, -1))
+                    return (f"Task {t!r} back-propagates a non-finite gradient; it first reaches "
+                            f"layer {near!r} (layers hit: {sorted(layers)[:5]}).")
+        return "The batch is finite on a fresh forward/backward (the fault is not reproducible)."
+    finally:
+        with torch.no_grad():
+            surgeon.model.load_state_dict(buffers)
+        torch.random.set_rng_state(rng)
