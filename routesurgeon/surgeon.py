@@ -13,7 +13,8 @@ from torch import nn
 
 from routesurgeon.channels import ChannelGroups, analyse_channels
 from routesurgeon.errors import InputError, ModelChangedError
-from routesurgeon.export import masked_graph, prune_graph, verify_route
+from routesurgeon.export import export_routes, masked_graph
+from routesurgeon.guards import check_call_inputs, check_inplace, named_tensors, shape_error
 from routesurgeon.importance import ImportanceBank, RouteConfig
 from routesurgeon.outputs import OutputSpec, resolve_tasks
 from routesurgeon.routes import RouteMask, Scores, route_mask
@@ -65,6 +66,8 @@ class Surgeon(nn.Module):
             if isinstance(x, torch.Tensor)
         ]
         self._fingerprint = _fingerprint(model)
+        self._example_meta = [(n, torch.empty(x.shape, dtype=x.dtype, device="meta"))
+                              for n, x in named_tensors(*example_inputs)]
         object.__setattr__(self, "_active_task", None)
         self.importance_bank = _make_bank(model, self.param_tasks(), route_config)
         bound = bind_inputs(model, *example_inputs)
@@ -90,11 +93,18 @@ class Surgeon(nn.Module):
         return self.traced.train_graph if self.training else self.traced.eval_graph
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        check_call_inputs(self.model, self._example_meta, args, kwargs)
         if self.traced.specialized:
             self._check_shapes(args, kwargs)
         task = self._active_task
         if task is None or not self.training:
-            return self.graph_module(*args, **kwargs)
+            try:
+                return self.graph_module(*args, **kwargs)
+            except RuntimeError as e:
+                err = shape_error(self._example_meta, args, kwargs, e)
+                if err is None:
+                    raise
+                raise err from e
         params = dict(self.model.named_parameters())
         gated = self.importance_bank.gated_weights(params, task)
         return torch.func.functional_call(self.graph_module, gated, args, kwargs, strict=False)
@@ -180,8 +190,8 @@ class Surgeon(nn.Module):
         """Raise ``ModelChangedError`` if the model's parameters changed structure since tracing."""
         now = _fingerprint(self.model)
         if now != self._fingerprint:
-            before, after = dict(self._fingerprint), dict(now)
-            diff = sorted(set(before.items()) ^ set(after.items()))[:5]
+            changed = set(self._fingerprint) ^ set(now)  # (name, shape, id) entries
+            diff = sorted({(name, shape) for name, shape, _ in changed})[:5]
             raise ModelChangedError(
                 f"the model changed after instrumenting (parameters added, removed, replaced or "
                 f"reshaped: {diff}); call routesurgeon.instrument again."
@@ -210,20 +220,15 @@ class Surgeon(nn.Module):
         tasks: Sequence[str] | None = None,
         verify_inputs: Sequence[Any] | None = None,
         tol: float = 1e-5,
-    ) -> dict[str, fx.GraphModule]:
-        """Per task, a pruned standalone GraphModule, verified against its masked reference."""
-        chosen = list(self.tasks) if tasks is None else list(tasks)
-        for t in chosen:
-            self.topology._check_task(t)
-        inputs = list(verify_inputs) if verify_inputs is not None else self.example_inputs()
-        routes: dict[str, fx.GraphModule] = {}
-        for t in chosen:
-            mask = self.route_masks(t, keep, threshold, scores)
-            route = prune_graph(self, mask)
-            verify_route(route, masked_graph(self, mask), inputs, t, tol)
-            route.meta_route = mask  # type: ignore[assignment]
-            routes[t] = route
-        return routes
+        union: bool = False,
+    ) -> Any:
+        """Per task, a pruned standalone GraphModule, verified against its masked reference.
+
+        With ``union=True``: one GraphModule returning ``{task: output}`` for ``tasks`` (default
+        all), keeping a channel if any of their routes keeps it (see ``routesurgeon.export``).
+        """
+        return export_routes(self, keep=keep, threshold=threshold, scores=scores, tasks=tasks,
+                             verify_inputs=verify_inputs, tol=tol, union=union)
 
     def route_scores(self) -> dict[str, dict[str, Any]] | None:
         """Learned per-task filter scores; ``None`` before any DR-MGF training step."""
@@ -232,6 +237,17 @@ class Surgeon(nn.Module):
         scores = self.importance()
         # exclusive layers have one task: its score is 1 for every filter
         return scores
+
+    def report(self, path: Any, history: Any = None, routes: Mapping[str, Any] | None = None,
+               **kwargs: Any) -> Any:
+        """Write the self-contained HTML report (see ``routesurgeon.viz.surgeon_report``).
+
+        ``history``: a Trainer or ``trainer.history``; ``routes``: ``self.export_routes(...)``.
+        Returns the path written.
+        """
+        from routesurgeon.viz.api import surgeon_report
+
+        return surgeon_report(self, path, history=history, routes=routes, **kwargs)
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, trace={self.trace_path!r}"
@@ -298,6 +314,7 @@ def instrument(
     args, kwargs = normalize_inputs(example_inputs)
     _check_devices(model, args, kwargs)
     traced = trace(model, example_inputs, leaf_modules)
+    check_inplace(traced.eval_graph)
     t1 = time.perf_counter()
     with preserved(model), torch.no_grad():
         with mode(model, False):
