@@ -1,6 +1,7 @@
 """Kill tests: a training run SIGKILLed at random points resumes exactly, checkpoints stay whole.
 
-Each run is a forked child process (fast: torch is already imported) that trains a tiny model with a
+Each run is a child process forked from a forkserver that preloaded torch (fast, and fork-safe) and
+trains a tiny model with a
 checkpoint after every step and logs every step's losses. The parent kills it with SIGKILL after a
 random delay, checks that the checkpoint on disk is whole, and starts the next child, which resumes
 from it. Every loss ever logged for a step must equal the uninterrupted run's loss for that step.
@@ -56,9 +57,10 @@ def _surgeon() -> rs.Surgeon:
     return rs.instrument(Tiny().train(), torch.randn(2, 3, 5, 5))
 
 
-def _child(s: rs.Surgeon, ckpt_path: str, log_path: str) -> None:
+def _child(ckpt_path: str, log_path: str) -> None:
     """Train (resuming if a checkpoint exists), logging ``step loss_a loss_b`` per step."""
     torch.set_num_threads(1)
+    s = _surgeon()
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(20, 3, 5, 5, generator=g)
@@ -104,10 +106,12 @@ def _steps_logged(log: Path) -> int:
 
 
 def test_sigkill_at_random_points_always_resumes_exactly(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    s = _surgeon()
+    # forkserver: children fork from a clean server that imported torch but never started
+    # OpenMP threads (a plain fork of a pytest worker that already ran torch is not fork-safe)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "routesurgeon"])
     ref_log = tmp_path / "ref.log"
-    p = ctx.Process(target=_child, args=(s, str(tmp_path / "ref.ckpt"), str(ref_log)))
+    p = ctx.Process(target=_child, args=(str(tmp_path / "ref.ckpt"), str(ref_log)))
     p.start()
     p.join(120)
     assert p.exitcode == 0, (p.exitcode, ref_log.read_text()[-300:] if ref_log.exists() else "")
@@ -120,7 +124,7 @@ def test_sigkill_at_random_points_always_resumes_exactly(tmp_path: Path) -> None
     expected_resume = []  # the step of the checkpoint each new child must resume from
     for _ in range(KILLS):
         expected_resume.append(ckpt.read_header(path).step if path.exists() else None)
-        p = ctx.Process(target=_child, args=(s, str(path), str(log)))
+        p = ctx.Process(target=_child, args=(str(path), str(log)))
         p.start()
         # a random point: after 1-3 more logged steps, then a random part of a step (forward,
         # backward, optimizer or the checkpoint write)
@@ -137,7 +141,7 @@ def test_sigkill_at_random_points_always_resumes_exactly(tmp_path: Path) -> None
             header = ckpt.read_header(path)
             assert 0 < header.step <= n_steps
     expected_resume.append(ckpt.read_header(path).step if path.exists() else None)
-    p = ctx.Process(target=_child, args=(s, str(path), str(log)))  # let the last one finish
+    p = ctx.Process(target=_child, args=(str(path), str(log)))  # let the last one finish
     p.start()
     p.join(120)
     assert p.exitcode == 0
