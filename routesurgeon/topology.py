@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import torch.fx as fx
 from torch import nn
 
@@ -156,7 +157,9 @@ class Topology:
             )
             shared_filters = None
             if groups is not None and n in groups.layers and groups.layers[n]["kind"] != "norm":
-                shared_filters = sum(len(ts) >= 2 for ts in groups.filter_tasks(n))
+                bits_per_filter = groups.reach[groups.labels[groups.layers[n]["out"]]]
+                # two or more task bits set <=> clearing the lowest one leaves some
+                shared_filters = int(np.count_nonzero(bits_per_filter & (bits_per_filter - 1)))
             bits = reach.get(n, 0)
             g.add_node(
                 n.name,

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import inspect
 import operator
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,34 +200,96 @@ class RouteTracer(fx.Tracer):
         leaf_paths: Sequence[str] = (),
         autowrap: Sequence[Callable[..., Any]] = (),
         concrete: dict[str, Any] | None = None,
+        open_paths: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(autowrap_functions=tuple(autowrap), param_shapes_constant=True)
         self.leaf_types = tuple(leaf_types)
         self.leaf_paths = set(leaf_paths)
+        self.open_paths = open_paths  # library leaves traced into (they hold conv/linear layers)
         self.concrete = concrete  # placeholder name -> example value, or None for plain fx
         self.specializations: list[str] = []
         self.batch_specialized = False
+        self.hooked = False  # some module has forward (pre-)hooks: run them on proxies
 
     # -- leaves ------------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
             return True
+        if module_qualified_name in self.open_paths:
+            return False
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:  # type: ignore[override]
+        self._names: dict[int, str] = {}
+        if isinstance(root, nn.Module):
+            self.hooked = any(m._forward_hooks or m._forward_pre_hooks for m in root.modules())
+            for n, t in [*root.named_parameters(), *root.named_buffers()]:
+                self._names.setdefault(id(t), n)
         try:
             return super().trace(root, concrete_args)
         except Exception as e:
             if not hasattr(e, "_rs_module"):  # remember where it failed, for the error message
                 e._rs_module = self.current_module()  # type: ignore[attr-defined]
+                e._rs_where = _user_frame(traceback.extract_tb(e.__traceback__))  # type: ignore[attr-defined]
             raise
 
     def current_module(self) -> str:
         """Qualified name of the innermost module being traced (``''`` for the root)."""
         stack = list(self.module_stack.values())
         return stack[-1][0] if stack else ""
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """fx's parameter/buffer lookup with a name table (fx scans all parameters per access)."""
+        name = self._names.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
+        if name is None or not (
+            isinstance(attr_val, nn.Parameter) or self.proxy_buffer_attributes
+        ):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            factory = None
+            if self.param_shapes_constant:
+                def factory(node: fx.Node, n: str = name, v: Any = attr_val) -> fx.Proxy:
+                    return fx.proxy.ParameterProxy(self, node, n, v)
+            parameter_proxy_cache[name] = self.create_proxy(
+                "get_attr", name, (), {}, proxy_factory_fn=factory
+            )
+        return parameter_proxy_cache[name]
+
+    # -- module hooks ------------------------------------------------------------------------
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        """Run the module's forward (pre-)hooks on proxies, as ``nn.Module.__call__`` would.
+
+        Hooks often keep Python state keyed by ``x.device`` (timm's ``FeatureHookNet``), so they
+        are only traced with concrete values, where ``.device`` is the example's device.
+        """
+        if not (m._forward_pre_hooks or m._forward_hooks):
+            return super().call_module(m, forward, args, kwargs)
+        if self.concrete is None:
+            raise fx.proxy.TraceError(
+                f"module {self.path_of_module(m)!r} ({type(m).__name__}) has forward hooks; they "
+                f"are traced with concrete values"
+            )
+        for hid, hook in list(m._forward_pre_hooks.items()):
+            if hid in m._forward_pre_hooks_with_kwargs:
+                res = hook(m, args, kwargs)
+                if res is not None:
+                    args, kwargs = res
+            else:
+                res = hook(m, args)
+                if res is not None:
+                    args = res if isinstance(res, tuple) else (res,)
+        out = super().call_module(m, forward, args, kwargs)
+        for hid, hook in list(m._forward_hooks.items()):
+            if hid in m._forward_hooks_with_kwargs:
+                res = hook(m, args, kwargs, out)
+            else:
+                res = hook(m, args, out)
+            if res is not None:
+                out = res
+        return out
 
     # -- concrete values ---------------------------------------------------------------------
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
@@ -251,8 +314,9 @@ class RouteTracer(fx.Tracer):
             return args[0] if args else None
         if kind == "get_attr":
             obj: Any = self.root
-            for part in str(target).split("."):
-                obj = getattr(obj, part)
+            with _unpatched_modules():  # fx's patched getattr would return a proxy: recursion
+                for part in str(target).split("."):
+                    obj = getattr(obj, part)
             return obj
         a, kw = _values(args), _values(kwargs)
         with torch.no_grad(), _unpatched_modules():
@@ -265,23 +329,30 @@ class RouteTracer(fx.Tracer):
         raise AssertionError(kind)
 
     def _specialize(self, what: str, obj: fx.Proxy) -> Any:
+        node = obj.node if not isinstance(obj, fx.proxy.Attribute) else obj.root.node
         if self.concrete is None:
             raise fx.proxy.TraceError(
-                f"{what} of a traced value in module {self.current_module() or '<root>'!r}"
+                f"{what}() of the result of {_op_text(node)} in module "
+                f"{self.current_module() or '<root>'!r}"
             )
-        node = obj.node if not isinstance(obj, fx.proxy.Attribute) else obj.root.node
         value = _value(obj)
         reads_data = isinstance(value, torch.Tensor) and what in ("bool", "int", "float", "index")
         if node.meta.get("rs_data") or reads_data:
             raise fx.proxy.TraceError(
-                f"{what} of a value computed from tensor data in module "
-                f"{self.current_module() or '<root>'!r}: data-dependent control flow cannot be "
-                f"specialised safely"
+                f"{what}() of the result of {_op_text(node)}, a value computed from tensor data, "
+                f"in module {self.current_module() or '<root>'!r}: data-dependent control flow "
+                f"cannot be specialised safely"
             )
         if _reads_batch_dim(node, what, value):
             self.batch_specialized = True
         self.specializations.append(f"{self.current_module() or '<root>'}: {what} = {value!r}")
         return value
+
+    def device_of(self, obj: fx.Proxy) -> torch.device:
+        """The example value's device (never data- or batch-dependent), recorded."""
+        device = _value(obj).device
+        self.specializations.append(f"{self.current_module() or '<root>'}: device = {device}")
+        return device
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self._specialize("bool", obj))
@@ -289,6 +360,32 @@ class RouteTracer(fx.Tracer):
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         value = self._specialize("iter", obj)
         return iter([obj[i] for i in range(len(value))])
+
+
+def _op_text(node: fx.Node) -> str:
+    """``op 'gt' (fx node 'gt_1', from 'sum')``: the op a Python conversion was applied to."""
+    if node.op == "call_method":
+        name = f"Tensor.{node.target}"
+    elif node.op == "call_module":
+        name = f"module {node.target!r}"
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+    else:
+        name = f"{node.op} {node.target}"
+    inputs = [n.name for n in node.all_input_nodes]
+    src = f", from {', '.join(repr(i) for i in inputs[:3])}" if inputs else ""
+    return f"op {name!r} (fx node {node.name!r}{src})"
+
+
+_INTERNAL = ("/torch/", "/routesurgeon/tracing.py", "/contextlib.py")
+
+
+def _user_frame(frames: traceback.StackSummary) -> str:
+    """``file:line `code``` of the innermost frame outside torch and this module."""
+    for fr in reversed(frames):
+        if not any(part in fr.filename for part in _INTERNAL):
+            return f"{fr.filename}:{fr.lineno} `{(fr.line or '').strip()}`"
+    return ""
 
 
 @contextlib.contextmanager
@@ -349,6 +446,20 @@ def _install_concrete_dunders() -> None:
 
         return method
 
+    if not getattr(fx.Proxy, "_rs___getattr__", False):
+        plain_getattr = fx.Proxy.__getattr__
+
+        def getattr_(self: fx.Proxy, k: str) -> Any:
+            tracer = self.tracer
+            if k == "device" and isinstance(tracer, RouteTracer) and tracer.hooked and (
+                tracer.concrete is not None
+            ):  # hook state keyed by device (see RouteTracer.call_module)
+                return tracer.device_of(self)
+            return plain_getattr(self, k)
+
+        fx.Proxy.__getattr__ = getattr_  # type: ignore[method-assign]
+        fx.Proxy._rs___getattr__ = True  # type: ignore[attr-defined]
+
     for dunder, what, conv in [
         ("__len__", "len", len),
         ("__int__", "int", int),
@@ -398,8 +509,10 @@ def _trace_once(
     leaf_paths: Sequence[str],
     autowrap: Sequence[Callable[..., Any]],
     concrete: bool,
+    open_paths: frozenset[str] = frozenset(),
 ) -> tuple[fx.GraphModule, RouteTracer]:
-    tracer = RouteTracer(leaf_types, leaf_paths, autowrap, concrete=bound if concrete else None)
+    tracer = RouteTracer(leaf_types, leaf_paths, autowrap, concrete=bound if concrete else None,
+                         open_paths=open_paths)
     graph = tracer.trace(model, concrete_args=_concrete_args(bound, model) or None)
     for node in graph.nodes:  # values are only needed while tracing
         node.meta.pop("rs_value", None)
@@ -415,7 +528,9 @@ class _Failure:
 
     def describe(self) -> str:
         where = self.module or "<root>"
-        return f"{self.path}: in module {where!r}: {type(self.error).__name__}: {self.error}"
+        line = getattr(self.error, "_rs_where", "")
+        at = f" (at {line})" if line else ""
+        return f"{self.path}: in module {where!r}: {type(self.error).__name__}: {self.error}{at}"
 
 
 def _trace_mode(
@@ -426,18 +541,29 @@ def _trace_mode(
     autowrap: Sequence[Callable[..., Any]],
     auto_leaf: bool,
     attempts: list[str],
+    open_paths: frozenset[str] = frozenset(),
+    known: tuple[str, list[str]] | None = None,
 ) -> tuple[fx.GraphModule, str, list[str], list[str], bool]:
-    """Trace in the model's current mode; returns (graph, path, auto leaves, specialisations)."""
+    """Trace in the model's current mode; returns (graph, path, auto leaves, specialisations).
+
+    ``known``: the path and auto leaves the other mode needed; tracing starts from there.
+    """
     leaves: list[str] = list(user_leaves)
     auto: list[str] = []
     last: _Failure | None = None
     plans = [("fx", False), ("fx-concrete", True)]
+    if known is not None and known[0].startswith("fx-concrete"):
+        plans = plans[1:]
+    if known is not None:
+        auto = [m for m in known[1] if m not in leaves]
+        leaves += auto
     for path, concrete in plans:
         while True:
             tracer: RouteTracer | None = None
             try:
                 with preserved(model), _library_fixes(model):
-                    gm, tracer = _trace_once(model, bound, leaf_types, leaves, autowrap, concrete)
+                    gm, tracer = _trace_once(model, bound, leaf_types, leaves, autowrap, concrete,
+                                             open_paths)
                 label = path + ("+leaf" if auto else "")
                 return gm, label, auto, tracer.specializations, tracer.batch_specialized
             except Exception as e:  # any failure of the user's forward under tracing
@@ -464,13 +590,22 @@ def _trace_error(model: nn.Module, failure: _Failure, attempts: list[str]) -> Tr
         model
     ).__name__
     tried = "\n  - ".join(attempts[-6:])
+    line = getattr(failure.error, "_rs_where", "")
+    at = f"\nFailing op at {line}" if line else ""
+    if failure.module:
+        todo = (f"pass leaf_modules=[{where!r}] (or its class {mod_type}) to "
+                f"routesurgeon.instrument to treat it as one opaque op, or make the failing op "
+                f"in {mod_type}.forward traceable (move Python control flow on tensor values into "
+                f"a function decorated with torch.fx.wrap).")
+    else:
+        todo = (f"the failing op is in {mod_type}.forward itself, which cannot be an opaque leaf: "
+                f"move the data-dependent code into a submodule and pass its path in "
+                f"leaf_modules=[...], or into a function decorated with torch.fx.wrap.")
     return TracingError(
         f"could not trace {type(model).__name__}: module {where!r} ({mod_type}) failed with "
-        f"{type(failure.error).__name__}: {failure.error}\n"
+        f"{type(failure.error).__name__}: {failure.error}{at}\n"
         f"Paths tried:\n  - {tried}\n"
-        f"What to do: pass leaf_modules=[{where!r}] (or its class) to routesurgeon.instrument to "
-        f"treat it as one opaque op, or make the failing op in {mod_type}.forward traceable "
-        f"(torch.fx.wrap the function that uses Python control flow on tensor values)."
+        f"What to do: {todo}"
     )
 
 
@@ -494,13 +629,25 @@ def trace(
         except AttributeError as e:
             raise TracingError(f"leaf_modules names {p!r}, which is not a submodule") from e
     leaf_types = [*lib_types, *user_types]
+    # Library leaves (timm's notrace modules) that hold conv/linear layers would hide those layers
+    # from the analysis: trace into them (with concrete values if needed); the ones that still
+    # fail become leaves again through the auto-leaf fallback.
+    layer_types = (nn.modules.conv._ConvNd, nn.Linear)
+    opened = frozenset(
+        name for name, m in model.named_modules()
+        if name and lib_types and isinstance(m, tuple(lib_types))
+        and not (user_types and isinstance(m, tuple(user_types)))
+        and any(isinstance(sub, layer_types) for sub in m.modules() if sub is not m)
+    )  # a leaf that *is* a conv (timm's Conv2dSame) is already visible as one layer
     attempts: list[str] = []
     graphs: dict[bool, tuple[fx.GraphModule, str, list[str], list[str], bool]] = {}
+    known: tuple[str, list[str]] | None = None
     for training in (True, False):
         with mode(model, training):
             graphs[training] = _trace_mode(
-                model, bound, leaf_types, user_paths, autowrap, auto_leaf, attempts
+                model, bound, leaf_types, user_paths, autowrap, auto_leaf, attempts, opened, known
             )
+        known = (graphs[training][1], graphs[training][2])
     train_gm, train_path, train_leaves, train_spec, train_batch = graphs[True]
     eval_gm, eval_path, eval_leaves, eval_spec, eval_batch = graphs[False]
     if train_gm.code == eval_gm.code:

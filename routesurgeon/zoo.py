@@ -130,11 +130,12 @@ def _timm(name: str, features_only: bool, heads: int, num_classes: int,
     if features_only:
         model = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
         size = input_size or _timm_size(model)
-        n = len(model.feature_info)
+        n = len(model.feature_info.channels())  # the selected stages (out_indices), not all
         return BuiltModel(f"timm:{name}", model.eval(), _input(size),
                           [f"stage{i}" for i in range(n)])
     backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    width = backbone.num_features
+    # models with a conv head after pooling (mobilenetv3, ghostnet, lcnet) return that width
+    width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
     names = ["cls", "aux", *(f"head{i}" for i in range(2, heads))][:heads]
     model = MultiHead(backbone, {n: nn.Linear(width, num_classes) for n in names})
     size = input_size or _timm_size(backbone)

@@ -144,9 +144,13 @@ def elementwise(st: AnalysisState, node: fx.Node, *_: Any) -> None:
         shp = shape_of(a)
         assert shp is not None
         ia = ax - (r - len(shp))
-        if ia < 0 or shp[ia] == 1:
-            continue  # broadcast along the channel axis: not coupled
         s = st.space(a)
+        if ia < 0 or (shp[ia] == 1 and out[ax] != 1):
+            # broadcast along the channel axis: not coupled, and its one channel feeds them all
+            if s is not None:
+                st.fix_node(a, f"one channel broadcast over many in {_describe(node)}",
+                            consumer=node)
+            continue
         if s is not None and s.axis == ia:
             if out_ids is None:
                 out_ids = s.ids
@@ -154,7 +158,9 @@ def elementwise(st: AnalysisState, node: fx.Node, *_: Any) -> None:
                 st.couple(out_ids, s.ids)
         else:
             others.append((a, ia))
-    assert out_ids is not None
+    if out_ids is None:  # every tracked input is broadcast: the output's channels are new
+        st.spaces[node] = None
+        return
     for a, ia in others:
         if a.op == "get_attr":  # a parameter or buffer per channel: slice it with the channels
             st.slice_param(str(a.target), ia, out_ids)
@@ -793,3 +799,11 @@ def _groupnorm_module(st: AnalysisState, node: fx.Node, m: nn.Module) -> None:
 def _groupnorm_function(st: AnalysisState, node: fx.Node) -> None:
     _normalizes_channels(st, node, [1])
 
+
+
+@register_channel_rule(nn.PReLU)
+def _prelu_module(st: AnalysisState, node: fx.Node, m: nn.Module) -> None:
+    """PReLU: elementwise; with one slope per channel, the slopes are sliced with the channels."""
+    if m.num_parameters == 1:  # type: ignore[attr-defined]
+        return identity(st, node)
+    _per_channel_params(st, node, [f"{node.target}.weight"])

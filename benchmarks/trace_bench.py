@@ -1,0 +1,90 @@
+"""Trace + analysis time: ``routesurgeon.instrument`` against torch-pruning's dependency graph.
+
+Both tools are timed on the same multi-output models in one run, on the same example input:
+routesurgeon's ``instrument`` (fx tracing in train and eval mode, the output check against eager,
+task reach, channel groups and topology) and torch-pruning's
+``DependencyGraph().build_dependency(model, example_inputs)`` (one autograd-traced forward and its
+dependency graph). Each is run ``--repeat`` times after one warm-up; the best time counts. The
+table gives the ratio routesurgeon / torch-pruning per model and the median ratio (below 1:
+routesurgeon is faster). ``instrument(verify=False)`` is timed as well, the part comparable to what
+torch-pruning does (it does not check its graph against the model).
+
+Run: ``python benchmarks/trace_bench.py [--repeat 3] [--threads 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import routesurgeon as rs
+
+MODELS: list[tuple[str, dict[str, Any]]] = [
+    ("timm:resnet18", {"input_size": 64}),
+    ("timm:resnet50", {"features_only": True, "input_size": 64}),
+    ("timm:mobilenetv3_large_100", {"features_only": True, "input_size": 64}),
+    ("timm:efficientnet_b0", {"input_size": 64}),
+    ("timm:convnext_atto", {"input_size": 64}),
+    ("timm:regnety_004", {"features_only": True, "input_size": 64}),
+    ("timm:densenet121", {"input_size": 64}),
+    ("timm:vit_tiny_patch16_224", {"input_size": 64, "img_size": 64}),
+    ("smp:Unet:resnet18", {"aux_classes": 4, "input_size": 128}),
+    ("smp:FPN:efficientnet-b0", {"aux_classes": 4, "input_size": 128}),
+    ("smp:DeepLabV3Plus:resnet18", {"aux_classes": 4, "input_size": 128}),
+]
+
+
+def best_time(fn: Callable[[], Any], repeat: int) -> float:
+    fn()  # warm-up: imports, allocator, caches
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import torch_pruning as tp
+
+    rows: list[tuple[str, float, float, float]] = []
+    print(f"torch {torch.__version__}, torch-pruning {tp.__version__}, threads {args.threads}, "
+          f"best of {args.repeat}")
+    print(f"{'model':42} {'rs (s)':>8} {'rs noverify':>11} {'tp (s)':>8} {'rs/tp':>7} "
+          f"{'noverify/tp':>11}")
+    for spec, kw in MODELS:
+        torch.manual_seed(0)
+        built = rs.build_model(spec, **kw)
+        model, x = built.model.eval(), built.example_inputs
+        t_rs = best_time(lambda m=model, x=x, b=built: rs.instrument(m, x, tasks=b.tasks),
+                         args.repeat)
+        t_nv = best_time(
+            lambda m=model, x=x, b=built: rs.instrument(m, x, tasks=b.tasks, verify=False),
+            args.repeat)
+        t_tp = best_time(
+            lambda m=model, x=x: tp.DependencyGraph().build_dependency(m, example_inputs=x,
+                                                                       verbose=False),
+            args.repeat)
+        name = spec + (" features_only" if kw.get("features_only") else "")
+        rows.append((name, t_rs, t_nv, t_tp))
+        print(f"{name:42} {t_rs:8.3f} {t_nv:11.3f} {t_tp:8.3f} {t_rs / t_tp:7.2f} "
+              f"{t_nv / t_tp:11.2f}", flush=True)
+    med = statistics.median(r[1] / r[3] for r in rows)
+    med_nv = statistics.median(r[2] / r[3] for r in rows)
+    print(f"median ratio routesurgeon/torch-pruning: {med:.2f} (instrument), "
+          f"{med_nv:.2f} (instrument verify=False)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
