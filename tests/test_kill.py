@@ -1,9 +1,10 @@
 """Kill tests: a training run SIGKILLed at random points resumes exactly, checkpoints stay whole.
 
 Each run is a child process forked from a forkserver that preloaded torch (fast, and fork-safe); it
-trains a tiny model with a checkpoint after every step and logs every step's losses. The parent kills it with SIGKILL after a
-random delay, checks that the checkpoint on disk is whole, and starts the next child, which resumes
-from it. Every loss ever logged for a step must equal the uninterrupted run's loss for that step.
+trains a tiny model with a checkpoint after every step and logs every step's losses. The parent
+kills it with SIGKILL after a random delay, checks that the checkpoint on disk is whole, and starts
+the next child, which resumes from it. Every loss ever logged for a step must equal the
+uninterrupted run's loss for that step.
 """
 
 from __future__ import annotations
