@@ -18,7 +18,12 @@ from routesurgeon.errors import (
 )
 from routesurgeon.importance import RouteConfig
 from routesurgeon.methods.drmgf import DRMGFConfig
+from routesurgeon.methods.drmgf_step import DRMGFStepConfig
 from routesurgeon.methods.registry import available_methods, register_method
+from routesurgeon.metrics import MetricSpec, delta_m, delta_m_tasks
+from routesurgeon.report import route_report
+from routesurgeon.routes import RouteInfo
+from routesurgeon.saving import load_route, read_manifest, save_routes
 from routesurgeon.surgeon import Surgeon, instrument
 from routesurgeon.topology import Layer, Topology
 from routesurgeon.trainer import Trainer
@@ -29,14 +34,17 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "DRMGFConfig",
+    "DRMGFStepConfig",
     "ExportError",
     "InputError",
     "Layer",
     "LossError",
+    "MetricSpec",
     "ModelChangedError",
     "MultiExit",
     "MultiHead",
     "RouteConfig",
+    "RouteInfo",
     "RouteSurgeonError",
     "Surgeon",
     "TaskError",
@@ -47,8 +55,14 @@ __all__ = [
     "__version__",
     "available_methods",
     "build_model",
+    "delta_m",
+    "delta_m_tasks",
     "instrument",
+    "load_route",
     "multi_exit",
+    "read_manifest",
     "register_channel_rule",
     "register_method",
+    "route_report",
+    "save_routes",
 ]
