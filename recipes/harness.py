@@ -1,0 +1,521 @@
+"""The shared harness of the recipes: every method, the same data, seeds, budget and evaluation.
+
+A recipe describes its model builder, data and tasks (``Recipe``); ``run_recipe`` trains every
+registered method (``rs.available_methods()``) and a single-task baseline per task with the same
+optimiser, epochs and batches, evaluates them, exports per-task routes of the route methods, and
+writes ``results.json``, ``results.md`` and the HTML report into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import routesurgeon as rs
+from routesurgeon.metrics import MetricSpec
+from routesurgeon.metrics import delta_m as package_delta_m
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Training budget shared by every method of a recipe run."""
+
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-3
+    seeds: tuple[int, ...] = (0,)
+    methods: tuple[str, ...] | None = None  # None: every registered method
+    single_task: bool = True  # train the single-task baselines for delta_m
+    route_methods: tuple[str, ...] = ("drmgf", "drmgf-step")  # exported on the first seed
+    route_keep: float = 0.5
+    finetune_epochs: int = 1
+    threads: int = 1
+    progress: bool = True
+    max_batches: int | None = None  # cap batches per pass (quick modes)
+    report_method: str | None = None  # whose first-seed run the HTML report shows (default:
+    # the first route method, else the first method)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A test metric accumulated over batches: ``stats(out, target)`` returns an array summed
+    over batches, ``finish(sum)`` turns the sum into the value."""
+
+    name: str
+    stats: Callable[[Tensor, Tensor], np.ndarray]
+    finish: Callable[[np.ndarray], float]
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    loss: Callable[[Tensor, Tensor], Tensor]
+    metrics: tuple[Metric, ...]
+
+
+@dataclass
+class Recipe:
+    """What a recipe trains: ``build(seed) -> (model, example_inputs)`` with dict/tuple outputs
+    named by ``tasks``; datasets with a ``batch(indices) -> (x, {task: y})`` method."""
+
+    name: str
+    build: Callable[[int], tuple[nn.Module, Tensor]]
+    tasks: dict[str, TaskSpec]
+    train: Any
+    test: Any
+    description: str = ""
+    task_names: Sequence[str] | None = None  # names of the model's outputs, in order (tuples)
+    delta_keys: Sequence[str] | None = None  # metrics in delta_m (default: all)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def accuracy(name: str = "acc") -> Metric:
+    def stats(out: Tensor, y: Tensor) -> np.ndarray:
+        return np.array([float((out.argmax(1) == y).sum()), float(y.numel())])
+
+    return Metric(name, stats, lambda s: float(s[0] / max(s[1], 1)), True)
+
+
+def miou(num_classes: int) -> Metric:
+    def stats(out: Tensor, y: Tensor) -> np.ndarray:
+        pred = out.argmax(1).flatten()
+        idx = y.flatten() * num_classes + pred
+        return torch.bincount(idx, minlength=num_classes**2).double().numpy()
+
+    def finish(s: np.ndarray) -> float:
+        cm = s.reshape(num_classes, num_classes)
+        inter = np.diag(cm)
+        union = cm.sum(0) + cm.sum(1) - inter
+        return float(np.mean(inter[union > 0] / union[union > 0]))
+
+    return Metric("mIoU", stats, finish, True)
+
+
+def pixel_acc() -> Metric:
+    def stats(out: Tensor, y: Tensor) -> np.ndarray:
+        return np.array([float((out.argmax(1) == y).sum()), float(y.numel())])
+
+    return Metric("pix_acc", stats, lambda s: float(s[0] / max(s[1], 1)), True)
+
+
+def abs_err(name: str = "abs_err") -> Metric:
+    def stats(out: Tensor, y: Tensor) -> np.ndarray:
+        return np.array([float((out - y).abs().sum()), float(y.numel())])
+
+    return Metric(name, stats, lambda s: float(s[0] / max(s[1], 1)), False)
+
+
+def mse(name: str = "mse") -> Metric:
+    def stats(out: Tensor, y: Tensor) -> np.ndarray:
+        return np.array([float(((out - y) ** 2).sum()), float(y.numel())])
+
+    return Metric(name, stats, lambda s: float(s[0] / max(s[1], 1)), False)
+
+
+def angle_err() -> Metric:
+    """Mean angle (degrees) between predicted and true unit normals."""
+
+    def stats(out: Tensor, y: Tensor) -> np.ndarray:
+        cos = (nn.functional.normalize(out, dim=1) * y).sum(1).clamp(-1, 1)
+        ang = torch.rad2deg(torch.acos(cos))
+        return np.array([float(ang.sum()), float(ang.numel())])
+
+    return Metric("angle_deg", stats, lambda s: float(s[0] / max(s[1], 1)), False)
+
+
+def delta_m(metrics: Mapping[str, float], reference: Mapping[str, float],
+            higher_is_better: Mapping[str, bool]) -> float | None:
+    """Maninis et al.'s delta_m in percent (``routesurgeon.metrics.delta_m``: mean over metrics of
+    the signed relative difference to the single-task reference; lower is better). ``None``
+    when a reference value is 0 (undefined)."""
+    specs = {k: MetricSpec(k.split("/")[0], hib) for k, hib in higher_is_better.items()}
+    if any(reference[k] == 0 for k in specs):
+        return None
+    return package_delta_m({k: metrics[k] for k in specs}, {k: reference[k] for k in specs},
+                           specs)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+class Batches:
+    """Seeded, re-iterable mini-batches of a dataset with a ``batch(indices)`` method."""
+
+    def __init__(self, dataset: Any, batch_size: int, shuffle: bool, seed: int = 0,
+                 max_batches: int | None = None) -> None:
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.gen = torch.Generator().manual_seed(seed)
+        self.max_batches = max_batches
+
+    def __len__(self) -> int:
+        n = math.ceil(len(self.dataset) / self.batch_size)
+        return min(n, self.max_batches) if self.max_batches else n
+
+    def __iter__(self) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
+        for b in range(len(self)):
+            yield self.dataset.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def outputs_by_task(out: Any, tasks: Sequence[str]) -> dict[str, Tensor]:
+    """Name a model's outputs: dicts by key, tuples by ``tasks`` order; a lone tensor (an
+    exported route) is the output of ``tasks[0]``."""
+    if isinstance(out, Mapping):
+        return dict(out)
+    if isinstance(out, (tuple, list)) and len(out) > 1:
+        return dict(zip(tasks, out))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return {tasks[0]: out}
+
+
+@torch.no_grad()
+def evaluate(model: Callable[..., Any], loader: Batches, recipe: Recipe,
+             tasks: Sequence[str] | None = None) -> dict[str, float]:
+    """``{task/metric: value}`` of ``model`` (eval mode) over ``loader``."""
+    names = list(recipe.task_names or recipe.tasks)
+    chosen = list(tasks or recipe.tasks)
+    if isinstance(model, nn.Module):
+        was = model.training
+        model.eval()
+    sums: dict[str, np.ndarray] = {}
+    for x, ys in loader:
+        outs = model(x)
+        several = isinstance(outs, (tuple, list)) and len(outs) > 1
+        outs = outputs_by_task(outs, names if several else chosen)
+        for t in chosen:
+            for m in recipe.tasks[t].metrics:
+                key = f"{t}/{m.name}"
+                s = m.stats(outs[t], ys[t])
+                sums[key] = sums[key] + s if key in sums else s
+    if isinstance(model, nn.Module):
+        model.train(was)
+    return {k: next(m for m in recipe.tasks[k.split("/")[0]].metrics
+                    if m.name == k.split("/", 1)[1]).finish(v) for k, v in sums.items()}
+
+
+def higher_better(recipe: Recipe) -> dict[str, bool]:
+    return {f"{t}/{m.name}": m.higher_is_better for t, s in recipe.tasks.items() for m in s.metrics}
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def loss_fns(recipe: Recipe) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    return {t: s.loss for t, s in recipe.tasks.items()}
+
+
+def train_method(recipe: Recipe, method: str, seed: int, cfg: RunConfig
+                 ) -> tuple[rs.Surgeon, rs.Trainer, dict[str, Any]]:
+    """Train one method from scratch on seed ``seed``; returns the surgeon, trainer and record."""
+    seed_all(seed)
+    model, example = recipe.build(seed)
+    surgeon = rs.instrument(model, example, tasks=list(recipe.task_names or recipe.tasks))
+    optimizer = torch.optim.Adam(surgeon.model_parameters(), lr=cfg.lr)
+    config: dict[str, Any] = {"epochs": cfg.epochs} if method == "drmgf" else {}
+    trainer = rs.Trainer(surgeon, optimizer, method=method, config=config, progress=cfg.progress)
+    train = Batches(recipe.train, cfg.batch_size, True, seed, cfg.max_batches)
+    test = Batches(recipe.test, 256, False)
+    t0 = time.perf_counter()
+    passes = 0.0
+    for _ in range(cfg.epochs):
+        record = trainer.fit_epoch(train, loss_fns(recipe))
+        passes += float(record.get("passes", 1))
+    metrics = evaluate(surgeon, test, recipe)  # once, after the last epoch (CPU budget)
+    record["metrics"] = {k: {"metric": v} for k, v in metrics.items()}
+    wall = time.perf_counter() - t0
+    return surgeon, trainer, {"method": method, "seed": seed, "metrics": metrics,
+                              "wall_s": wall, "passes": passes, "skipped": trainer.skipped}
+
+
+def train_single(recipe: Recipe, task: str, seed: int, cfg: RunConfig) -> dict[str, Any]:
+    """The single-task baseline: the same model, optimiser and batches, only ``task``'s loss."""
+    seed_all(seed)
+    model, _ = recipe.build(seed)
+    names = list(recipe.task_names or recipe.tasks)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    train = Batches(recipe.train, cfg.batch_size, True, seed, cfg.max_batches)
+    t0 = time.perf_counter()
+    for _ in range(cfg.epochs):
+        model.train()
+        for x, ys in train:
+            optimizer.zero_grad(set_to_none=True)
+            out = outputs_by_task(model(x), names)[task]
+            recipe.tasks[task].loss(out, ys[task]).backward()
+            optimizer.step()
+    metrics = evaluate(model, Batches(recipe.test, 256, False), recipe, tasks=[task])
+    return {"task": task, "seed": seed, "metrics": metrics, "wall_s": time.perf_counter() - t0}
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+
+def count_flops(module: Callable[..., Any], x: Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return int(counter.get_total_flops())
+
+
+def latency_ms(module: Callable[..., Any], x: Tensor, repeats: int = 10) -> float:
+    with torch.no_grad():
+        module(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)
+
+
+def finetune_route(route: nn.Module, recipe: Recipe, task: str, cfg: RunConfig, seed: int) -> None:
+    """Fine-tune an exported route on its own task loss for ``cfg.finetune_epochs``."""
+    optimizer = torch.optim.Adam(route.parameters(), lr=cfg.lr)
+    train = Batches(recipe.train, cfg.batch_size, True, seed + 1, cfg.max_batches)
+    for _ in range(cfg.finetune_epochs):
+        route.train()
+        for x, ys in train:
+            optimizer.zero_grad(set_to_none=True)
+            out = outputs_by_task(route(x), [task])[task]
+            recipe.tasks[task].loss(out, ys[task]).backward()
+            optimizer.step()
+    route.eval()
+
+
+def export_routes(surgeon: rs.Surgeon, recipe: Recipe, cfg: RunConfig, seed: int,
+                  tasks: Sequence[str] | None = None, keep: float | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """Export each task's route; measure params, FLOPs, latency, and the task metric of the full
+    network, of the route, and of the route after fine-tuning."""
+    keep = cfg.route_keep if keep is None else keep
+    surgeon.eval()
+    scores = surgeon.route_scores()
+    routes = surgeon.export_routes(keep=keep, scores=scores if scores else "magnitude",
+                                   tasks=list(tasks or recipe.tasks))
+    x = surgeon.example_inputs()[0][:1]  # FLOPs per image
+    bench = next(iter(Batches(recipe.test, 64, False)))[0]
+    full_params = sum(p.numel() for p in surgeon.model_parameters())
+    full_flops = count_flops(surgeon.eval(), x)
+    full_lat = latency_ms(surgeon, bench)
+    test = Batches(recipe.test, 256, False)
+    full_metrics = evaluate(surgeon, test, recipe)
+    out: dict[str, dict[str, Any]] = {}
+    for t, route in routes.items():
+        before = evaluate(route, test, recipe, tasks=[t])
+        finetune_route(route, recipe, t, cfg, seed)
+        after = evaluate(route, test, recipe, tasks=[t])
+        out[t] = {
+            "keep": keep, "scores": "learned" if scores else "magnitude",
+            "params": sum(p.numel() for p in route.parameters()), "full_params": full_params,
+            "flops": count_flops(route, x), "full_flops": full_flops,
+            "latency_ms": latency_ms(route, bench), "full_latency_ms": full_lat,
+            "metric_full": {k: v for k, v in full_metrics.items() if k.startswith(f"{t}/")},
+            "metric_route": before, "metric_finetuned": after,
+        }
+    return out
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def _ms(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def summarise(hib: Mapping[str, bool], runs: list[dict[str, Any]],
+              singles: list[dict[str, Any]], delta_keys: Sequence[str] | None = None
+              ) -> dict[str, Any]:
+    """Mean/std per method and metric (``hib``: metric -> higher is better), delta_m per seed
+    against that seed's single-task runs, mean rank over metrics (1 = best)."""
+    keys = list(hib)
+    dkeys = list(delta_keys or keys)
+    dhib = {k: hib[k] for k in dkeys}
+    ref_by_seed: dict[int, dict[str, float]] = {}
+    for s in singles:
+        ref_by_seed.setdefault(s["seed"], {}).update(s["metrics"])
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    table: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        rows = [r for r in runs if r["method"] == m]
+        entry: dict[str, Any] = {k: [r["metrics"][k] for r in rows] for k in keys}
+        entry["wall_s"] = [r["wall_s"] for r in rows]
+        entry["passes"] = [r["passes"] for r in rows]
+        dms = [delta_m(r["metrics"], ref_by_seed[r["seed"]], dhib) for r in rows
+               if set(dkeys) <= set(ref_by_seed.get(r["seed"], {}))]
+        entry["delta_m"] = [d for d in dms if d is not None]
+        table[m] = entry
+    ranks: dict[str, list[float]] = {m: [] for m in methods}
+    for k in keys:  # ties share the mean of their ranks
+        signed = {m: statistics.mean(table[m][k]) * (-1 if hib[k] else 1) for m in methods}
+        for m in methods:
+            better = sum(signed[o] < signed[m] for o in methods)
+            tied = sum(signed[o] == signed[m] for o in methods)
+            ranks[m].append(better + (tied + 1) / 2)
+    for m in methods:
+        table[m]["mean_rank"] = statistics.mean(ranks[m])
+    single = {k: [s["metrics"][k] for s in singles if k in s["metrics"]] for k in keys}
+    return {"methods": table, "single_task": single, "keys": keys, "higher_is_better": hib,
+            "delta_keys": dkeys}
+
+
+def markdown(summary: dict[str, Any], title: str) -> str:
+    keys = summary["keys"]
+    arrows = ["↑" if summary["higher_is_better"][k] else "↓" for k in keys]
+    head = ["method", *[f"{k} {a}" for k, a in zip(keys, arrows)], "Δm % ↓", "mean rank",
+            "wall s", "passes"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    if any(summary["single_task"].values()):
+        lines.append("| single-task | " + " | ".join(
+            _ms(summary["single_task"][k]) if summary["single_task"][k] else "–" for k in keys)
+            + " | 0 | – | – | – |")
+    for m, e in sorted(summary["methods"].items(), key=lambda kv: kv[1]["mean_rank"]):
+        dm = _ms(e["delta_m"]) if e["delta_m"] else "–"
+        lines.append(f"| {m} | " + " | ".join(_ms(e[k]) for k in keys)
+                     + f" | {dm} | {e['mean_rank']:.2f} | {_ms(e['wall_s'])} | "
+                     f"{_ms(e['passes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def routes_markdown(routes: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    lines = ["| method | task | keep | scores | params | FLOPs | latency ms | metric full | "
+             "route | route fine-tuned |", "|" + "---|" * 10]
+    for method, per in routes.items():
+        for t, r in per.items():
+            def fmt(d: Mapping[str, float]) -> str:
+                return ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in d.items())
+
+            lines.append(
+                f"| {method} | {t} | {r['keep']} | {r['scores']} | "
+                f"{r['params'] / 1e6:.3f}M / {r['full_params'] / 1e6:.3f}M | "
+                f"{r['flops'] / 1e6:.1f}M / {r['full_flops'] / 1e6:.1f}M | "
+                f"{r['latency_ms']:.2f} / {r['full_latency_ms']:.2f} | {fmt(r['metric_full'])} | "
+                f"{fmt(r['metric_route'])} | {fmt(r['metric_finetuned'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- output directory and report ------------------------------------------------------------------
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """``path`` if it does not exist or is empty, else ``path-2``, ``path-3``, ... (never
+    overwrites an earlier run)."""
+    p = Path(path)
+    candidate, k = p, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        k += 1
+        candidate = p.with_name(f"{p.name}-{k}")
+    candidate.mkdir(parents=True, exist_ok=True)
+    return candidate
+
+
+def write_report(surgeon: rs.Surgeon, path: Path, history: list[dict[str, Any]],
+                 routes: Mapping[str, Mapping[str, Any]] | None, title: str) -> Path:
+    """The HTML report: ``surgeon.report`` when the package has it, else ``viz.write_report``."""
+    report = getattr(surgeon, "report", None)
+    if callable(report):
+        try:
+            return Path(report(path, history=history, title=title) or path)
+        except (ImportError, AttributeError, TypeError, NotImplementedError):
+            pass  # the package's report is not there yet: draw it with viz directly
+    from routesurgeon.viz import write_report as viz_write
+
+    scores = surgeon.route_scores()
+    importance = ({layer: {t: v.detach().cpu().tolist() for t, v in per.items()}
+                   for layer, per in scores.items()} if scores else None)
+    return viz_write(path, surgeon.topology, importance=importance, history=history,
+                     routes=routes, title=title)
+
+
+def run_recipe(recipe: Recipe, cfg: RunConfig, out: Path,
+               after_method: Callable[[str, int, rs.Surgeon], dict[str, Any]] | None = None,
+               ) -> dict[str, Any]:
+    """Train every method (and the single-task baselines) on every seed; write the results."""
+    torch.set_num_threads(cfg.threads)
+    methods = list(cfg.methods or rs.available_methods())
+    # seed by seed, single-task baselines first: a run stopped early leaves complete seeds
+    singles_of = [f"single:{t}" for t in recipe.tasks] if cfg.single_task else []
+    jobs = [(s, m) for s in cfg.seeds for m in [*singles_of, *methods]]
+    runs: list[dict[str, Any]] = []
+    singles: list[dict[str, Any]] = []
+    routes: dict[str, dict[str, Any]] = {}
+    extras: dict[str, Any] = {}
+    report_path: Path | None = None
+    t_start = time.perf_counter()
+    bar = tqdm(jobs, desc=recipe.name, disable=not cfg.progress)
+    for seed, job in bar:
+        bar.set_postfix_str(f"seed {seed} {job}")
+        if job.startswith("single:"):
+            singles.append(train_single(recipe, job.split(":", 1)[1], seed, cfg))
+            with (out / "runs.jsonl").open("a") as f:
+                f.write(json.dumps({"single": singles[-1]}) + "\n")
+            continue
+        surgeon, trainer, record = train_method(recipe, job, seed, cfg)
+        runs.append(record)
+        first = seed == cfg.seeds[0]
+        if first and job in cfg.route_methods:
+            routes[job] = export_routes(surgeon, recipe, cfg, seed)
+            (out / "routes.json").write_text(json.dumps(routes, indent=1, default=str))
+        if after_method is not None:
+            extra = after_method(job, seed, surgeon)
+            if extra:
+                extras.setdefault(job, {})[seed] = extra
+        shown = cfg.report_method or (cfg.route_methods[0] if cfg.route_methods else methods[0])
+        if first and job == shown:
+            report_path = write_report(surgeon, out / "report.html", trainer.history,
+                                       routes.get(job), f"{recipe.name}: {job}, seed {seed}")
+            _pictures(surgeon, out)
+        with (out / "runs.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    summary = summarise(higher_better(recipe), runs, singles, recipe.delta_keys)
+    result = {"recipe": recipe.name, "description": recipe.description, "config": asdict(cfg),
+              "runs": runs, "single_task": singles, "summary": summary, "routes": routes,
+              "extras": extras, "report": str(report_path) if report_path else None,
+              "total_wall_s": time.perf_counter() - t_start,
+              "machine": f"{platform.machine()} {platform.processor()} threads={cfg.threads}",
+              "torch": torch.__version__}
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    text = markdown(summary, f"{recipe.name} (seeds {list(cfg.seeds)}, {cfg.epochs} epochs)")
+    if routes:
+        text += "\n#### Exported routes (first seed)\n\n" + routes_markdown(routes)
+    (out / "results.md").write_text(text)
+    return result
+
+
+def _pictures(surgeon: rs.Surgeon, out: Path) -> None:
+    """PNG heat map of the learned importance and the sharing topology (needs matplotlib)."""
+    try:
+        from routesurgeon.viz import save_heatmap, save_topology
+    except ImportError:
+        return
+    save_topology(surgeon, out / "topology.png")
+    if surgeon.route_scores():
+        save_heatmap(surgeon, out / "importance.png")
