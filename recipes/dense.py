@@ -11,9 +11,8 @@ the NYUv2 stand-in: shapes at random depths in front of a tilted plane.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -91,22 +90,10 @@ def make_recipe(cfg: Config) -> h.Recipe:
 
 
 def parse(argv: list[str] | None = None) -> tuple[Config, Path]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default="runs/dense")
-    p.add_argument("--quick", action="store_true", help="the CI-sized run (preset quick)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--methods", nargs="+")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--threads", type=int)
+    p = h.recipe_parser(__doc__, "runs/dense", PRESETS)
     a = p.parse_args(argv)
-    cfg = PRESETS["quick" if a.quick else a.preset]
-    run = cfg.run
-    for key in ("seeds", "methods", "epochs", "threads"):
-        v = getattr(a, key)
-        if v is not None:
-            run = replace(run, **{key: tuple(v) if isinstance(v, list) else v})
-    return replace(cfg, run=run), Path(a.out)
+    cfg = h.chosen_preset(PRESETS, a)
+    return cfg, Path(a.out)
 
 
 def main(argv: list[str] | None = None) -> dict:

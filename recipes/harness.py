@@ -8,14 +8,15 @@ writes ``results.json``, ``results.md`` and the HTML report into the output dire
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import routesurgeon as rs
+from routesurgeon import report
 from routesurgeon.metrics import MetricSpec
 from routesurgeon.metrics import delta_m as package_delta_m
 
@@ -276,22 +278,11 @@ def train_single(recipe: Recipe, task: str, seed: int, cfg: RunConfig) -> dict[s
 
 
 def count_flops(module: Callable[..., Any], x: Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
-    return int(counter.get_total_flops())
+    return report.count_flops(module, (x,))  # type: ignore[arg-type]
 
 
 def latency_ms(module: Callable[..., Any], x: Tensor, repeats: int = 10) -> float:
-    with torch.no_grad():
-        module(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+    return report.measure_latency({"m": module}, (x,), repeats, warmup=1)["m"]  # type: ignore[dict-item]
 
 
 def finetune_route(route: nn.Module, recipe: Recipe, task: str, cfg: RunConfig, seed: int) -> None:
@@ -519,3 +510,32 @@ def _pictures(surgeon: rs.Surgeon, out: Path) -> None:
     save_topology(surgeon, out / "topology.png")
     if surgeon.route_scores():
         save_heatmap(surgeon, out / "importance.png")
+
+
+# -- command line shared by the recipes ---------------------------------------------------------
+
+
+def recipe_parser(doc: str | None, out: str, presets: Iterable[str],
+                  quick_help: str = "the CI-sized run (preset quick)") -> argparse.ArgumentParser:
+    """The options every recipe takes; a recipe adds its own before parsing."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default=out)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--preset", choices=sorted(presets), default="default")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--methods", nargs="+")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--threads", type=int)
+    return p
+
+
+def chosen_preset(presets: Mapping[str, Any], args: argparse.Namespace) -> Any:
+    """The preset ``--quick`` / ``--preset`` name, with ``--seeds/--methods/--epochs/--threads``
+    applied to its ``run`` config."""
+    cfg = presets["quick" if args.quick else args.preset]
+    run = cfg.run
+    for key in ("seeds", "methods", "epochs", "threads"):
+        v = getattr(args, key)
+        if v is not None:
+            run = replace(run, **{key: tuple(v) if isinstance(v, list) else v})
+    return replace(cfg, run=run)

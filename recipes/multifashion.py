@@ -11,7 +11,6 @@ with two linear heads. Every method of ``rs.available_methods()`` plus single-ta
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -86,29 +85,17 @@ def make_recipe(cfg: Config) -> h.Recipe:
 
 
 def parse(argv: list[str] | None = None) -> tuple[Config, Path]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default="runs/multifashion")
-    p.add_argument("--quick", action="store_true", help="the CI-sized run (preset quick)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p = h.recipe_parser(__doc__, "runs/multifashion", PRESETS)
     p.add_argument("--data", choices=["fashion", "fashion+mnist"])
     p.add_argument("--backbone", choices=["resnet18", "mobilenetv2"])
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--methods", nargs="+")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--threads", type=int)
     a = p.parse_args(argv)
-    cfg = PRESETS["quick" if a.quick else a.preset]
+    cfg = h.chosen_preset(PRESETS, a)
     if a.data:
         cfg = replace(cfg, data=a.data)
     if a.backbone:
         cfg = replace(cfg, backbone=a.backbone, size=max(cfg.size, 64)
                       if a.backbone == "mobilenetv2" else cfg.size)
-    run = cfg.run
-    for key in ("seeds", "methods", "epochs", "threads"):
-        v = getattr(a, key)
-        if v is not None:
-            run = replace(run, **{key: tuple(v) if isinstance(v, list) else v})
-    return replace(cfg, run=run), Path(a.out)
+    return cfg, Path(a.out)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,11 +15,10 @@ half, before and after fine-tuning the route.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,22 +165,11 @@ def pretrained_baseline(recipe: h.Recipe) -> dict[str, float]:
 
 
 def parse(argv: list[str] | None = None) -> tuple[Config, Path]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default="runs/onet")
-    p.add_argument("--quick", action="store_true", help="a seconds-sized run (preset quick)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--methods", nargs="+")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--threads", type=int)
+    p = h.recipe_parser(__doc__, "runs/onet", PRESETS,
+                        quick_help="a seconds-sized run (preset quick)")
     a = p.parse_args(argv)
-    cfg = PRESETS["quick" if a.quick else a.preset]
-    run = cfg.run
-    for key in ("seeds", "methods", "epochs", "threads"):
-        v = getattr(a, key)
-        if v is not None:
-            run = replace(run, **{key: tuple(v) if isinstance(v, list) else v})
-    return replace(cfg, run=run), Path(a.out)
+    cfg = h.chosen_preset(PRESETS, a)
+    return cfg, Path(a.out)
 
 
 def run(cfg: Config, out: Path) -> dict[str, Any]:

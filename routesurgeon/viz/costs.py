@@ -8,17 +8,15 @@ default; a rough guide, not a benchmark).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from routesurgeon.errors import ExportError
 from routesurgeon.export import task_graph
+from routesurgeon.report import count_flops, count_params, measure_latency
 from routesurgeon.routes import RouteMask
 
 if TYPE_CHECKING:
@@ -54,23 +52,11 @@ def graph_cost(
     was = gm.training
     gm.eval()
     try:
-        params = sum(p.numel() for p in gm.parameters())
-        counter = FlopCounterMode(display=False)
-        with counter:
-            gm(*inputs)
-        flops = int(counter.get_total_flops()) // max(1, _batch(inputs))
-        latency = None
-        if repeats > 0:
-            gm(*inputs)  # warm-up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                gm(*inputs)
-                times.append(1000 * (time.perf_counter() - t0))
-            latency = statistics.median(times)
+        flops = count_flops(gm, inputs) // max(1, _batch(inputs))
+        latency = measure_latency({"g": gm}, inputs, repeats, warmup=1)["g"] if repeats else None
     finally:
         gm.train(was)
-    return params, flops, latency
+    return count_params(gm), flops, latency
 
 
 def route_costs(
