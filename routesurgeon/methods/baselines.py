@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from routesurgeon.branches import on_branch_edges
 from routesurgeon.methods.base import GradientMethod, stack_losses
 from routesurgeon.methods.registry import register_method
 from routesurgeon.topology import node_reach
@@ -198,29 +199,11 @@ torch.fx.wrap("scale_grad")
 
 def equilibrium_graph(gm: fx.GraphModule, reach: Mapping[fx.Node, int]) -> fx.GraphModule:
     """A copy of ``gm`` whose branch points scale each branch's gradient by its share of tasks."""
-    graph = fx.Graph(owning_module=gm)
-    env: dict[fx.Node, fx.Node] = {}
-    scaled: dict[tuple[fx.Node, float], fx.Node] = {}
 
-    def arg_for(user: fx.Node) -> Callable[[fx.Node], fx.Node]:
-        def lookup(a: fx.Node) -> fx.Node:
-            total = bin(reach.get(a, 0)).count("1")
-            part = bin(reach.get(user, 0)).count("1") if user.op != "output" else total
-            if total <= 1 or part in (0, total):
-                return env[a]
-            key = (a, part / total)
-            if key not in scaled:
-                scaled[key] = graph.call_function(scale_grad, (env[a], part / total))
-            return scaled[key]
+    def scale(graph: fx.Graph, x: fx.Node, _: fx.Node, point: int, branch: int) -> fx.Node:
+        return graph.call_function(scale_grad, (x, branch.bit_count() / point.bit_count()))
 
-        return lookup
-
-    for n in gm.graph.nodes:
-        if n.op in ("placeholder", "get_attr"):
-            env[n] = graph.node_copy(n, lambda a: env[a])
-        else:
-            env[n] = graph.node_copy(n, arg_for(n))
-    return fx.GraphModule(gm, graph, "GradientEquilibrium")
+    return fx.GraphModule(gm, on_branch_edges(gm, reach, scale), "GradientEquilibrium")
 
 
 @register_method("imta-ge")

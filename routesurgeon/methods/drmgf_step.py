@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from routesurgeon.branches import on_branch_edges
 from routesurgeon.importance import _key
 from routesurgeon.methods.base import GradientMethod
 from routesurgeon.methods.registry import register_method
@@ -194,37 +195,21 @@ def branch_graph(gm: fx.GraphModule, reach: Mapping[fx.Node, int], tasks: list[s
                  layer_of: Mapping[str, str]) -> tuple[fx.GraphModule, list[_Edge]]:
     """A copy of ``gm`` with an ``EdgeScale`` on every edge leaving a branch point towards a
     strict subset of its tasks."""
-    graph = fx.Graph()  # no owning module: the EdgeScales join the module tree at the end
-    env: dict[fx.Node, fx.Node] = {}
     edges: list[_Edge] = []
     scalers: dict[str, nn.Module] = {}
-    made: dict[tuple[fx.Node, int], fx.Node] = {}
 
     def names(bits: int) -> tuple[str, ...]:
         return tuple(t for i, t in enumerate(tasks) if bits >> i & 1)
 
-    def arg_for(user: fx.Node) -> Callable[[fx.Node], fx.Node]:
-        def lookup(a: fx.Node) -> fx.Node:
-            total = reach.get(a, 0)
-            part = reach.get(user, 0) if user.op != "output" else total
-            if bin(total).count("1") <= 1 or part in (0, total) or a.op == "get_attr":
-                return env[a]
-            key = (a, part)
-            if key not in made:
-                path = f"routesurgeon_branch.e{len(edges)}"
-                scalers[path] = EdgeScale()
-                edges.append(_Edge(path, _producer_layer(a, layer_of), names(total),
-                                   names(part)))
-                made[key] = graph.call_module(path, (env[a],))
-            return made[key]
+    def edge_scale(graph: fx.Graph, x: fx.Node, src: fx.Node, point: int, branch: int
+                   ) -> fx.Node:
+        path = f"routesurgeon_branch.e{len(edges)}"
+        scalers[path] = EdgeScale()
+        edges.append(_Edge(path, _producer_layer(src, layer_of), names(point), names(branch)))
+        return graph.call_module(path, (x,))
 
-        return lookup
-
-    for n in gm.graph.nodes:
-        if n.op in ("placeholder", "get_attr"):
-            env[n] = graph.node_copy(n, lambda a: env[a])
-        else:
-            env[n] = graph.node_copy(n, arg_for(n))
+    # the graph has no owning module: the EdgeScales join the module tree below
+    graph = on_branch_edges(gm, reach, edge_scale)
     root: dict[str, Any] = dict(scalers)
     for n in graph.nodes:
         target = str(n.target)
