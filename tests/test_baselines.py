@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+from toydata import LOSSES, batches
 
 import routesurgeon as rs
 from routesurgeon.methods.baselines import scale_grad
@@ -14,18 +14,8 @@ from routesurgeon.trainer import Trainer
 
 BASELINES = ["equal", "uncertainty", "famo", "pcgrad", "cagrad", "nash-mtl", "upgrad", "mgda",
              "imtl-g", "imta-ge"]
-LOSSES = {"a": F.cross_entropy, "b": lambda o, y: F.cross_entropy(o[:, :2], y),
-          "d": F.mse_loss}
 
 
-def _data(n: int = 48) -> list:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, 16, 16, generator=g)
-    ya = (x[:, 0].mean((1, 2)) > 0).long()
-    yb = (x[:, 1].mean((1, 2)) > 0).long()
-    yd = x[:, 2:3, ::2, ::2]
-    return [(x[i:i + 16], {"a": ya[i:i + 16], "b": yb[i:i + 16], "d": yd[i:i + 16]})
-            for i in range(0, n, 16)]
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -42,7 +32,7 @@ def test_baseline_trains_by_changing_one_string(net: nn.Module, x: torch.Tensor,
     s = rs.instrument(net.train(), x)
     tr = Trainer(s, torch.optim.Adam(s.model_parameters(), lr=1e-2), method=method,
                  progress=False)
-    data = _data()
+    data = batches(48)
     first = tr.fit_epoch(data, LOSSES)
     for _ in range(3):
         last = tr.fit_epoch(data, LOSSES)

@@ -8,24 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toydata import LOSSES, batches
 
 import routesurgeon as rs
 from routesurgeon.methods.registry import available_methods
 from routesurgeon.trainer import Trainer
-
-
-def _data(n: int = 64) -> list:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, 16, 16, generator=g)
-    ya = (x[:, 0].mean((1, 2)) > 0).long()
-    yb = (x[:, 1].mean((1, 2)) > 0).long()
-    yd = x[:, 2:3, ::2, ::2]
-    return [(x[i:i + 16], {"a": ya[i:i + 16], "b": yb[i:i + 16], "d": yd[i:i + 16]})
-            for i in range(0, n, 16)]
-
-
-LOSSES = {"a": F.cross_entropy, "b": lambda o, y: F.cross_entropy(o[:, :2], y),
-          "d": F.mse_loss}
 
 
 @pytest.mark.parametrize("method", ["drmgf", "drmgf-step"])
@@ -34,7 +21,7 @@ def test_trains_end_to_end_and_importance_diverges(net: nn.Module, x: torch.Tens
     s = rs.instrument(net.train(), x)
     opt = torch.optim.Adam(s.model_parameters(), lr=1e-2)
     tr = Trainer(s, opt, method=method, progress=False)
-    data = _data()
+    data = batches()
     first = tr.fit_epoch(data, LOSSES)
     for _ in range(2):
         last = tr.fit_epoch(data, LOSSES)
@@ -51,7 +38,7 @@ def test_drmgf_counts_passes(net: nn.Module, x: torch.Tensor) -> None:
     s = rs.instrument(net.train(), x)
     tr = Trainer(s, torch.optim.SGD(s.model_parameters(), lr=0.01), method="drmgf",
                  progress=False, config={"cycle_steps": 2})
-    rec = tr.fit_epoch(_data(), LOSSES)
+    rec = tr.fit_epoch(batches(), LOSSES)
     assert rec["passes"] == len(s.tasks) + 1
 
 
@@ -80,7 +67,7 @@ def test_bad_losses_get_precise_errors(net: nn.Module, x: torch.Tensor) -> None:
     with pytest.raises(rs.LossError, match="scalar"):
         tr.backward({**good, "a": out["a"].pow(2)})
     with pytest.raises(rs.LossError, match="missing"):
-        tr.fit_epoch(_data(), {"a": F.cross_entropy})
+        tr.fit_epoch(batches(), {"a": F.cross_entropy})
 
 
 def test_nonfinite_losses_are_skipped_then_stop(net: nn.Module, x: torch.Tensor) -> None:
