@@ -10,7 +10,8 @@ The drmgf-step modes also report their accuracy: the cosine similarity of their 
 exact mode's gradient on the same batch, at random (unequal) importance. The cosine of the plain
 summed-loss gradient to the exact one is printed beside them as the reference point.
 
-Run: ``python benchmarks/step_bench.py`` (``--quick`` for one model, T = 3, fewer methods).
+Run: ``python benchmarks/step_bench.py`` (``--quick`` for one model, T = 3, fewer methods;
+``--clock cpu`` times the process's CPU time instead of wall time, for loaded machines).
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def _accuracy(s: rs.Surgeon, data: list[Any], loss_fns: dict[str, Any]) -> dict[
 
 
 def bench(model_name: str, tasks: int, methods: list[tuple[str, str, dict[str, Any]]],
-          batch: int, size: int, steps: int, rounds: int) -> list[dict[str, Any]]:
+          batch: int, size: int, steps: int, rounds: int,
+          clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
     s, data, loss_fns = _setup(model_name, tasks, batch, size, steps)
     acc = _accuracy(s, data, loss_fns)
     trainers = {}
@@ -165,9 +167,9 @@ def bench(model_name: str, tasks: int, methods: list[tuple[str, str, dict[str, A
     for _ in range(rounds):
         for label, _, _ in methods:
             base = _reset_peak()
-            t0 = time.perf_counter()
+            t0 = clock()
             rec = trainers[label].fit_epoch(data, loss_fns)
-            times[label].append(time.perf_counter() - t0)
+            times[label].append(clock() - t0)
             peaks[label] = max(peaks.get(label, 0.0), _peak() - base)
             passes[label] = int(rec.get("passes", 1))
     rows = []
@@ -190,6 +192,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: the process's CPU time, robust to time-slicing on a shared machine "
+                         "(with --threads 1; it still counts memory-bandwidth contention)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -199,15 +204,17 @@ def main() -> None:
     methods = [m for m in METHODS if m[0] in wanted]
     if not methods or methods[0][0] != "equal":
         raise SystemExit("the method list must start with 'equal' (the reference)")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"CPU, {args.threads} thread(s), batch {args.batch}, {args.size}x{args.size}, "
-          f"{args.steps} steps per epoch, median of {args.rounds} interleaved rounds")
+          f"{args.steps} steps per epoch, median of {args.rounds} interleaved rounds, "
+          f"{args.clock} clock")
     head = (f"{'model':8s} {'T':>2s} {'method':14s} {'step ms':>8s} {'x equal':>8s} "
             f"{'epoch x':>8s} {'passes':>6s} {'peak MB':>8s} {'x equal':>8s} {'cos exact':>9s}")
     print(head)
     verdicts = []
     for model in args.models.split(","):
         for t in map(int, args.tasks.split(",")):
-            rows = bench(model, t, methods, args.batch, args.size, args.steps, args.rounds)
+            rows = bench(model, t, methods, args.batch, args.size, args.steps, args.rounds, clock)
             base = rows[0]
             by = {r["method"]: r for r in rows}
             for r in rows:

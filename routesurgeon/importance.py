@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -77,10 +78,59 @@ def gate(importances: Sequence[Tensor], t: int, cfg: RouteConfig) -> Tensor:
 
 def gated_weight(weight: Tensor, importances: Sequence[Tensor], t: int, cfg: RouteConfig
                  ) -> Tensor:
-    """W_eff_t = G_t * W / ||W|| (G broadcast over the kernel)."""
+    """W_eff_t = G_t * W / ||W|| (G broadcast over the kernel).
+
+    Computed by ``_GatedKernel``: one norm and one product forward, and a closed-form backward of
+    two full-size products, instead of autograd's chain through the division and the norm (the
+    per-weight elementwise work dominates this reparametrisation on small inputs).
+    """
     g = gate(importances, t, cfg)
     g = g.reshape(*g.shape, *([1] * (weight.dim() - g.dim())))
-    return g * unit_kernel(weight, cfg.granularity)
+    return _GatedKernel.apply(weight, g, _norm_dims(weight, cfg.granularity))
+
+
+class _GatedKernel(torch.autograd.Function):
+    """``g * W / max(||W||, eps)``, the norm over ``dims`` (elementwise ``|W|`` when empty).
+
+    Backward, with ``n = ||W||``, ``c = max(n, eps)`` and ``dot = sum_dims(grad * W)``:
+    ``dL/dg = dot / c`` and ``dL/dW = grad * g / c - W * g * dot / n**3`` (the second term only
+    where ``n > eps``, where the clamp passes the gradient).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, g: Tensor, dims: tuple[int, ...]) -> Tensor:
+        n = weight.abs() if not dims else torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+        c = n.clamp_min(_EPS)
+        ctx.dims = dims
+        ctx.save_for_backward(weight, g, n, c)
+        return weight * (g / c)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        weight, g, n, c = ctx.saved_tensors
+        need_w, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # one full-size buffer: grad * W (summed per slice), then reused for dL/dW
+        buf = torch.mul(grad, weight)
+        dot = buf.sum(dim=ctx.dims, keepdim=True) if ctx.dims else buf.clone()
+        grad_g = _unbroadcast(dot / c, g) if need_g else None
+        grad_w = None
+        if need_w:
+            b = torch.where(n > _EPS, -g * dot / (c * c * c), 0.0)
+            grad_w = torch.mul(grad, g / c, out=buf).addcmul_(weight, b)
+        return grad_w, grad_g, None
+
+
+_EPS = 1e-12
+
+
+def _unbroadcast(x: Tensor, like: Tensor) -> Tensor:
+    """Sum ``x`` over the dims where ``like`` was broadcast (size 1 in ``like``)."""
+    if x.shape == like.shape:
+        return x
+    pairs = enumerate(zip(x.shape, like.shape, strict=True))
+    dims = [i for i, (a, b) in pairs if b == 1 and a != 1]
+    return x.sum(dim=dims, keepdim=True)
 
 
 def dominance(importances: Sequence[Tensor], scales: Sequence[Tensor]) -> Tensor:

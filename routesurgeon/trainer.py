@@ -30,7 +30,7 @@ from routesurgeon.methods.registry import get_method_class
 from routesurgeon.outputs import leaf_values
 from routesurgeon.surgeon import Surgeon
 
-__all__ = ["Trainer", "check_losses", "diagnose_nonfinite"]
+__all__ = ["Trainer", "all_finite", "check_losses", "diagnose_nonfinite"]
 
 LossFn = Callable[[Tensor, Any], Tensor]
 
@@ -53,6 +53,32 @@ def check_losses(tasks: list[str], losses: Mapping[str, Tensor]) -> list[str]:
         if not torch.isfinite(v.detach()).item():
             bad.append(t)
     return bad
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one synchronisation when it is.
+
+    The L2 norms of the floating-point tensors (``torch._foreach_norm``, one fused kernel) are
+    checked together: a NaN or infinite element makes its norm non-finite. A norm can also
+    overflow on large finite values, so a non-finite norm is confirmed element by element
+    (``torch.isfinite``) on that tensor before it counts. Other tensors are checked alone.
+    """
+    tensors = [t for t in tensors if t.numel()]  # empty: finite
+    fused = [t.is_floating_point() and t.layout == torch.strided for t in tensors]
+    floats = [t.detach() for t, f in zip(tensors, fused, strict=True) if f]
+    others = [t for t, f in zip(tensors, fused, strict=True) if not f]
+    if floats:
+        norms = torch._foreach_norm(floats, 2)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, n in enumerate(norms):
+            by_device.setdefault(n.device, []).append(i)
+        for idx in by_device.values():
+            ok = torch.isfinite(torch.stack([norms[i].float() for i in idx]))
+            if not bool(ok.all()):
+                suspects = [i for i, good in zip(idx, ok.tolist(), strict=True) if not good]
+                if not all(bool(torch.isfinite(floats[i]).all()) for i in suspects):
+                    return False
+    return all(bool(torch.isfinite(t).all()) for t in others)
 
 
 def _check_loss_fns(tasks: list[str], loss_fns: Mapping[str, Any]) -> None:
@@ -188,8 +214,7 @@ class Trainer:
         params = list(self.optimizer_params() if params is None else params)
         grads = [p.grad for p in params if p.grad is not None]
         rsdist.all_reduce_mean([*grads, *values], self.comm)
-        finite = all(bool(torch.isfinite(g).all()) for g in [*grads, *values])
-        if finite:
+        if all_finite([*grads, *values]):
             return True
         names = self._param_names()
         bad = [names.get(id(p), "?") for p in params

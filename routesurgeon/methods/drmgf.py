@@ -114,8 +114,11 @@ class DRMGF:
                   ) -> dict[str, Any]:
         if self._imp_opt is None:
             lr = self.cfg.importance_lr or trainer.optimizer.param_groups[0]["lr"]
-            self._imp_opt = torch.optim.Adam(self.surgeon.importance_parameters(), lr=lr)
-            self._s_opt = torch.optim.Adam(self.surgeon.scale_parameters(), lr=self.cfg.s_lr)
+            # foreach: one fused update over the many small A / S tensors (not the default on CPU)
+            self._imp_opt = torch.optim.Adam(self.surgeon.importance_parameters(), lr=lr,
+                                             foreach=True)
+            self._s_opt = torch.optim.Adam(self.surgeon.scale_parameters(), lr=self.cfg.s_lr,
+                                           foreach=True)
             self._load_pending()
         routed = self._route_phase(trainer.epoch)
         losses: dict[str, list[float]] = {t: [] for t in self.tasks}
@@ -132,17 +135,21 @@ class DRMGF:
     def _cycle(self, trainer: Any, batches: Iterable[Any], loss_fns: Mapping[str, Any],
                routed: bool, losses: dict[str, list[float]]) -> None:
         s = self.surgeon
-        theta0 = {n: p.detach().clone() for n, p in self.params.items()}
+        names = list(self.params)
+        plist = [self.params[n] for n in names]
+        with torch.no_grad():
+            start = torch._foreach_mul([p.detach() for p in plist], 1.0)  # one fused copy
+        theta0 = dict(zip(names, start, strict=True))
         bank_params = [*self.bank.A.values(), *self.bank.S.values()]
         bank0 = [p.detach().clone() for p in bank_params]
         dtype = getattr(torch, self.cfg.delta_dtype)
         deltas: dict[str, dict[str, Tensor]] = {}
         bn_snaps: dict[str, dict[str, Tensor]] = {}
         weights = self.cfg.loss_weights or {}
-        for t in self.order:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(theta0[n])
+        for i, t in enumerate(self.order):
+            if i:  # the first pass starts at theta0 already
+                with torch.no_grad():
+                    torch._foreach_copy_(plist, start)
             s.train()
             for inputs, targets in trainer._bar(batches, f"disentangle {t}"):
                 trainer.optimizer.zero_grad(set_to_none=True)
@@ -176,10 +183,11 @@ class DRMGF:
                 if routed:
                     for name, w in s.importance_bank.gated_weights(self.params, t).items():
                         self.params[name].copy_(w)
-                deltas[t] = {
-                    n: (p.detach() - theta0[n]).to(dtype=dtype, device=self.cfg.delta_device)
-                    for n, p in self.params.items() if t in self.tasks_of.get(n, ())
-                }
+                route = [n for n in names if t in self.tasks_of.get(n, ())]
+                diffs = torch._foreach_sub([self.params[n].detach() for n in route],
+                                           [theta0[n] for n in route])
+                deltas[t] = {n: d.to(dtype=dtype, device=self.cfg.delta_device)
+                             for n, d in zip(route, diffs, strict=True)}
                 bn_snaps[t] = {n: b.detach().clone() for n, b in s.model.named_buffers()
                                if n.endswith(("running_mean", "running_var"))}
         self._fuse(trainer, batches, loss_fns, theta0, deltas, bn_snaps)
@@ -207,22 +215,17 @@ class DRMGF:
             if not tasks:
                 out[n] = p0
                 continue
-            ds = [deltas[t][n].to(p0) for t in tasks]
             if len(tasks) == 1:
-                out[n] = p0 + ds[0]
+                out[n] = p0 + deltas[tasks[0]][n].to(p0)
             elif n in bank.tasks_of or n in bank.norm_tasks:
                 order = bank.tasks_of.get(n) or bank.norm_tasks[n]
                 if n in bank.tasks_of:
                     d = dominance([a.detach() for a in bank.a(n)], bank.s(n))
                 else:
                     d = bank.dominance(n)
-                acc = p0
-                for j, t in enumerate(order):
-                    dj = d[j].reshape(*d[j].shape, *([1] * (p0.dim() - d[j].dim())))
-                    acc = acc + dj * deltas[t][n].to(p0)
-                out[n] = acc
+                out[n] = _Mix.apply(p0, d, *[deltas[t][n].to(p0) for t in order])
             else:
-                out[n] = p0 + sum(ds) / len(ds)
+                out[n] = p0 + sum(deltas[t][n].to(p0) for t in tasks) / len(tasks)
         return out
 
     def _fuse(self, trainer: Any, batches: Iterable[Any], loss_fns: Mapping[str, Any],
@@ -260,8 +263,10 @@ class DRMGF:
             self._s_opt.step()  # type: ignore[union-attr]
             n_batches += 1
         with torch.no_grad():
-            for n, v in self.fused(theta0, deltas).items():
-                self.params[n].copy_(v.detach())
+            final = {**self.fused(theta0, deltas, skip=set(static) | dynamic), **static,
+                     **self.fused(theta0, deltas, only=dynamic)}
+            names = list(final)
+            torch._foreach_copy_([self.params[n] for n in names], [final[n] for n in names])
 
     def _merge_bn(self, snaps: Mapping[str, Mapping[str, Tensor]]) -> None:
         """Moment-matched mean of the running statistics of the snapshots of the tasks whose
@@ -285,6 +290,38 @@ class DRMGF:
                 if v in first:
                     second = torch.stack([snaps[t][v] + snaps[t][n] ** 2 for t in tasks]).mean(0)
                     buffers[v].copy_((second - mean**2).clamp_min(0))
+
+
+class _Mix(torch.autograd.Function):
+    """``W0 + sum_t D_t * Delta_t`` (D per filter or connection), differentiable in D only.
+
+    Forward: T in-place ``addcmul_`` into one copy of W0; backward: one dot product per task and
+    slice. Each displacement is read once per direction and no [T, ...] temporary is
+    built: the S pass is bound by reading the displacements.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p0: Tensor, d: Tensor, *parts: Tensor) -> Tensor:
+        g = d[0].numel()
+        out = p0.detach().reshape(g, -1).clone()
+        for j, part in enumerate(parts):
+            out.addcmul_(d[j].detach().reshape(g, 1), part.reshape(g, -1))
+        ctx.save_for_backward(d, *parts)
+        return out.reshape(p0.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        d, *parts = ctx.saved_tensors
+        g = d[0].numel()
+        grad_d = None
+        if ctx.needs_input_grad[1]:
+            flat = grad.reshape(g, -1)
+            buf = torch.empty_like(flat)  # one full-size buffer for the T products
+            grad_d = torch.stack([torch.mul(flat, part.reshape(g, -1), out=buf).sum(-1)
+                                  for part in parts]).reshape(d.shape)
+        grad_p0 = grad if ctx.needs_input_grad[0] else None
+        return (grad_p0, grad_d, *([None] * len(parts)))
 
 
 def _nonfinite(losses: Mapping[str, Tensor]) -> list[str]:
