@@ -158,20 +158,35 @@ class Surgeon(nn.Module):
     # -- parameters by role ------------------------------------------------------------------
     def param_tasks(self) -> dict[str, frozenset[str]]:
         """For each parameter of the model (by name), the tasks it reaches."""
-        gm = self.traced.eval_graph
+        # every name of a parameter (tied ones have several) -> its first name, and the
+        # parameters under each module path, in one pass over the model
+        canon: dict[int, str] = {}
+        alias: dict[str, str] = {}
+        under: dict[str, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            key = alias[name] = canon.setdefault(id(p), name)
+            parts = name.split(".")
+            for i in range(1, len(parts)):
+                under.setdefault(".".join(parts[:i]), []).append(key)
         bits: dict[str, int] = {}
-        for n in gm.graph.nodes:
+        for n in self.traced.eval_graph.graph.nodes:
             b = self._reach.get(n, 0)
+            if not b:
+                continue
             if n.op == "call_module":
-                for pname, _ in gm.get_submodule(str(n.target)).named_parameters():
-                    key = f"{n.target}.{pname}"
+                for key in under.get(str(n.target), ()):
                     bits[key] = bits.get(key, 0) | b
             elif n.op == "get_attr":
-                bits[str(n.target)] = bits.get(str(n.target), 0) | b
+                key = alias.get(str(n.target), str(n.target))
+                bits[key] = bits.get(key, 0) | b
+        tasks = self.tasks
+        sets: dict[int, frozenset[str]] = {}
         out: dict[str, frozenset[str]] = {}
-        for name, _ in self.model.named_parameters():
+        for name in canon.values():
             b = bits.get(name, 0)
-            out[name] = frozenset(t for i, t in enumerate(self.tasks) if b >> i & 1)
+            if b not in sets:
+                sets[b] = frozenset(t for i, t in enumerate(tasks) if b >> i & 1)
+            out[name] = sets[b]
         return out
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -259,7 +274,7 @@ def _make_bank(
     weights: dict[str, torch.Tensor] = {}
     norms: dict[str, torch.Tensor] = {}
     for mname, m in model.named_modules():
-        w = getattr(m, "weight", None)
+        w = m._parameters.get("weight")  # a registered parameter (never a computed attribute)
         key = f"{mname}.weight" if mname else "weight"
         if not isinstance(w, nn.Parameter) or len(tasks_of.get(key, ())) < 2:
             continue
@@ -310,15 +325,16 @@ def instrument(
     """
     if route_config is None:
         route_config = RouteConfig(granularity=granularity)
-    t0 = time.perf_counter()
+    clock = _StageClock()
     args, kwargs = normalize_inputs(example_inputs)
     _check_devices(model, args, kwargs)
     traced = trace(model, example_inputs, leaf_modules)
     check_inplace(traced.eval_graph)
-    t1 = time.perf_counter()
+    clock.lap("trace")
     with preserved(model), torch.no_grad():
         with mode(model, False):
             got = _record_shapes(model, traced.eval_graph, args, kwargs)
+            clock.lap("run")
             if verify:
                 expected = model(*args, **kwargs)
                 assert_same_outputs(expected, got, "eval mode")
@@ -329,17 +345,41 @@ def instrument(
                 torch.random.set_rng_state(state)
                 expected = model(*args, **kwargs)
                 assert_same_outputs(expected, got, "train mode")
-    t2 = time.perf_counter()
+    clock.lap("verify")
     outputs = resolve_tasks(traced.eval_graph.graph, tasks)
     if traced.dual:  # the train graph must offer the same outputs
         resolve_tasks(traced.train_graph.graph, dict(zip(outputs.tasks, outputs.task_outputs)))
     reach = node_reach(traced.eval_graph.graph, outputs)
     groups = analyse_channels(traced.eval_graph, reach, outputs)
     topology = Topology.from_graph(traced.eval_graph, outputs, reach, groups)
-    t3 = time.perf_counter()
-    timings = {"trace": t1 - t0, "verify": t2 - t1, "analyse": t3 - t2, "total": t3 - t0}
-    return Surgeon(model, traced, outputs, (args, kwargs), reach, groups, topology, timings,
-                   route_config)
+    clock.lap("analyse")
+    surgeon = Surgeon(model, traced, outputs, (args, kwargs), reach, groups, topology,
+                      clock.laps, route_config)
+    clock.lap("surgeon")
+    clock.laps["total"] = clock.total()
+    return surgeon
+
+
+class _StageClock:
+    """Wall-clock seconds per stage of ``instrument`` (``Surgeon.timings``).
+
+    Stages: ``trace`` (fx tracing, the train-mode retrace when needed, GraphModule code),
+    ``run`` (the eval graph run on the example, recording shapes), ``verify`` (eager forwards and
+    the comparisons; train mode too when the graphs differ), ``analyse`` (task reach, channel
+    groups, topology), ``surgeon`` (the Surgeon and its importance variables), ``total``.
+    """
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return self.last - self.start
 
 
 def _check_devices(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

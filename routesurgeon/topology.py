@@ -50,7 +50,7 @@ def node_reach(graph: fx.Graph, outputs: OutputSpec) -> dict[fx.Node, int]:
     return reach
 
 
-def _kind(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str]:
+def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str]:
     if node.op == "placeholder":
         return "input", "input"
     if node.op == "output":
@@ -58,7 +58,7 @@ def _kind(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str]:
     if node.op == "get_attr":
         return "param", "get_attr"
     if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
+        m = modules[str(node.target)]
         for types, kind in _KINDS:
             if isinstance(m, types):
                 return kind, type(m).__name__
@@ -73,7 +73,9 @@ def _kind(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str]:
     return "other", name
 
 
-def _flops(node: fx.Node, gm: fx.GraphModule, kind: str) -> int:
+def _flops(
+    node: fx.Node, modules: dict[str, nn.Module], params: dict[str, Any], kind: str
+) -> int:
     out = shape_of(node)
     if out is None or not out:
         return 0
@@ -81,11 +83,11 @@ def _flops(node: fx.Node, gm: fx.GraphModule, kind: str) -> int:
     if kind in ("conv", "linear"):
         w = None
         if node.op == "call_module":
-            w = getattr(gm.get_submodule(str(node.target)), "weight", None)
+            w = getattr(modules[str(node.target)], "weight", None)
         elif len(node.args) > 1 and isinstance(node.args[1], fx.Node):
             wn = node.args[1]
             if wn.op == "get_attr":
-                w = gm.get_parameter(str(wn.target))
+                w = params.get(str(wn.target))
         if w is None:
             return 0
         fan_in = math.prod(w.shape[1:]) if kind == "conv" else w.shape[1]
@@ -133,19 +135,23 @@ class Topology:
         groups: ChannelGroups | None = None,
     ) -> Topology:
         tasks = outputs.tasks
+        names = [sorted(t for i, t in enumerate(tasks) if bits >> i & 1)
+                 for bits in range(1 << len(tasks))] if len(tasks) <= 10 else None
+        modules = dict(gm.named_modules())
+        named_params = dict(gm.named_parameters(remove_duplicate=False))
         g = nx.DiGraph(tasks=list(tasks))
         seen_modules: set[str] = set()
+        nodes: list[tuple[str, dict[str, Any]]] = []
+        edges: list[tuple[str, str]] = []
         for n in gm.graph.nodes:
-            kind, typ = _kind(n, gm)
+            kind, typ = _kind(n, modules)
             params = 0
             if n.op == "call_module" and str(n.target) not in seen_modules:
                 seen_modules.add(str(n.target))
-                params = sum(p.numel() for p in gm.get_submodule(str(n.target)).parameters())
+                params = sum(p.numel() for p in modules[str(n.target)].parameters())
             elif n.op == "get_attr":
-                try:
-                    params = gm.get_parameter(str(n.target)).numel()
-                except AttributeError:
-                    params = 0
+                p = named_params.get(str(n.target))
+                params = p.numel() if p is not None else 0
             stack = n.meta.get("nn_module_stack") or {}
             scope = next(reversed(stack.values()))[0] if stack else ""
             module = str(n.target) if n.op == "call_module" else scope
@@ -161,21 +167,22 @@ class Topology:
                 # two or more task bits set <=> clearing the lowest one leaves some
                 shared_filters = int(np.count_nonzero(bits_per_filter & (bits_per_filter - 1)))
             bits = reach.get(n, 0)
-            g.add_node(
-                n.name,
-                op=n.op,
-                kind=kind,
-                type=typ,
-                module=module,
-                params=int(params),
-                flops=int(_flops(n, gm, kind)),
-                shape=list(shape) if shape else [],
-                out_channels=out_channels,
-                shared_filters=shared_filters,
-                tasks=sorted(t for i, t in enumerate(tasks) if bits >> i & 1),
-            )
-            for a in n.all_input_nodes:
-                g.add_edge(a.name, n.name)
+            nodes.append((n.name, {
+                "op": n.op,
+                "kind": kind,
+                "type": typ,
+                "module": module,
+                "params": int(params),
+                "flops": int(_flops(n, modules, named_params, kind)),
+                "shape": list(shape) if shape else [],
+                "out_channels": out_channels,
+                "shared_filters": shared_filters,
+                "tasks": list(names[bits]) if names is not None
+                else sorted(t for i, t in enumerate(tasks) if bits >> i & 1),
+            }))
+            edges.extend((a.name, n.name) for a in n.all_input_nodes)
+        g.add_nodes_from(nodes)
+        g.add_edges_from(edges)
         return cls(g, tasks)
 
     # -- queries -----------------------------------------------------------------------------

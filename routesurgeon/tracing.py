@@ -16,20 +16,28 @@ Three paths, tried in order until one succeeds (the path taken is recorded):
     retried. Its parameters stay visible to the analysis as one opaque node; its channels are never
     pruned.
 
-The graph is traced in train mode and in eval mode; when ``self.training`` changes the graph, both
-are kept and the ``Surgeon`` runs the one matching its mode. Tracing never changes the user's model:
+The graph is traced in eval mode while every read of a module's ``training`` flag by traced Python
+code is recorded (see ``_TrainingProbe``). When no code read the flag, no module overrides
+``nn.Module.train`` and no specialised value came from an opaque leaf's output, the code run in
+train mode is the same, so the one graph serves both modes (leaf modules such as BatchNorm and
+Dropout read their mode when the graph runs). Otherwise the model is traced again in train mode;
+when ``self.training`` changes the graph, both are kept and the ``Surgeon`` runs the one matching
+its mode. Tracing never changes the user's model:
 modes, buffers and module attributes (caches that tracing writes proxies into) are restored.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import copy
+import dis
 import inspect
 import operator
+import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any
 
 import torch
@@ -57,6 +65,8 @@ class TraceResult:
     batch_specialized: bool = False
     specializations: list[str] = field(default_factory=list)
     attempts: list[str] = field(default_factory=list)
+    # why the model was traced in train mode too ("" when one eval-mode trace serves both modes)
+    retrace_reason: str = ""
 
     @property
     def dual(self) -> bool:
@@ -112,7 +122,7 @@ def _library_fixes(model: nn.Module) -> Iterator[None]:
     changed: list[tuple[nn.Module, str, Any]] = []
     for m in model.modules():
         # smp: SegmentationModel.check_input_shape raises from Python on the input size
-        if hasattr(m, "requires_divisible_input_shape") and hasattr(m, "check_input_shape"):
+        if hasattr(type(m), "check_input_shape") and hasattr(m, "requires_divisible_input_shape"):
             changed.append((m, "requires_divisible_input_shape", m.requires_divisible_input_shape))
             m.requires_divisible_input_shape = False
     try:
@@ -125,50 +135,168 @@ def _library_fixes(model: nn.Module) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 # Preserving the user's model while tracing
 # --------------------------------------------------------------------------------------------
+_CONTAINERS = (dict, list, set)
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore modes, buffers and plain attributes (e.g. caches tracing filled) on exit."""
-    modes = [(m, m.training) for m in model.modules()]
+    """Restore modes, buffers (values and registrations) and plain attributes (e.g. caches
+    tracing filled) on exit."""
+    modules = list(model.modules())
+    modes = [m.__dict__.get("training", True) for m in modules]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    attrs: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
-    for m in model.modules():
-        plain = {k: v for k, v in m.__dict__.items() if not k.startswith("_")}
-        shallow = {k: copy.copy(v) for k, v in plain.items() if isinstance(v, (dict, list, set))}
-        attrs.append((m, plain, shallow))
+    attrs: list[tuple[dict[str, Any], dict[str, Any], list[tuple[str, Any, Any]]]] = []
+    for m in modules:
+        d = m.__dict__
+        plain = {k: v for k, v in d.items() if k[0] != "_"}
+        shallow = [(k, v, type(v)(v)) for k, v in plain.items() if type(v) in _CONTAINERS]
+        if "_buffers" in d:  # a forward that assigns a buffer replaces the registered tensor
+            shallow.append(("_buffers", d["_buffers"], dict(d["_buffers"])))
+        attrs.append((d, plain, shallow))
     try:
         yield
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for m, md in zip(modules, modes):
+            object.__setattr__(m, "training", md)
         with torch.no_grad():
             for b, saved in buffers:
                 if b.shape == saved.shape:
                     b.copy_(saved)
-        for m, plain, shallow in attrs:
-            for k in [k for k in m.__dict__ if not k.startswith("_") and k not in plain]:
-                del m.__dict__[k]
-            for k, v in plain.items():
-                m.__dict__[k] = v
-                if k in shallow:
-                    container = v
-                    container.clear()
-                    if isinstance(container, dict):
-                        container.update(shallow[k])
-                    elif isinstance(container, list):
-                        container.extend(shallow[k])
-                    else:
-                        container.update(shallow[k])
+        for d, plain, shallow in attrs:
+            for k in [k for k in d if k[0] != "_" and k not in plain]:
+                del d[k]
+            d.update(plain)
+            for _k, container, saved in shallow:
+                container.clear()
+                if isinstance(container, list):
+                    container.extend(saved)
+                else:
+                    container.update(saved)
 
 
 @contextlib.contextmanager
 def mode(model: nn.Module, training: bool) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
+    """``model.train(training)`` inside; every module's flag restored on exit.
+
+    When a class overrides ``train``/``eval`` (it may derive other state from the mode),
+    ``model.train(previous root mode)`` runs first on exit so the override can restore that state.
+    """
+    modules = list(model.modules())
+    modes = [m.__dict__.get("training", True) for m in modules]
     model.train(training)
     try:
         yield
     finally:
-        for m, md in modes:
-            m.training = md
+        if any(type(m).train is not nn.Module.train or type(m).eval is not nn.Module.eval
+               for m in modules):
+            model.train(modes[0])
+        for m, md in zip(modules, modes):
+            object.__setattr__(m, "training", md)
+
+
+# --------------------------------------------------------------------------------------------
+# Which modules' ``training`` flags traced code reads
+# --------------------------------------------------------------------------------------------
+class _TrainingProbe:
+    """A data descriptor installed on ``nn.Module`` while tracing: reads of ``m.training`` are
+    recorded (a data descriptor on the class takes precedence over the instance ``__dict__``, where
+    ``nn.Module`` keeps the flag). ``recording`` is off while real modules compute concrete values
+    (an opaque leaf reads its own mode when the graph runs, not while tracing).
+    """
+
+    def __init__(self) -> None:
+        self.reads: list[nn.Module] = []
+        self.recording = False
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            value = obj.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
+        if self.recording:
+            self.reads.append(obj)
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__["training"] = value
+
+
+@contextlib.contextmanager
+def _probing_training(probe: _TrainingProbe) -> Iterator[None]:
+    """Install ``probe`` as ``nn.Module.training`` (restoring what was there before)."""
+    had = "training" in nn.Module.__dict__
+    before = nn.Module.__dict__.get("training")
+    nn.Module.training = probe  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if had:
+            nn.Module.training = before  # type: ignore[assignment]
+        else:
+            del nn.Module.training
+
+
+@contextlib.contextmanager
+def _recording(probe: _TrainingProbe | None, on: bool) -> Iterator[None]:
+    if probe is None:
+        yield
+        return
+    was = probe.recording
+    probe.recording = on
+    try:
+        yield
+    finally:
+        probe.recording = was
+
+
+def _class_attrs(t: type) -> set[str]:
+    """Attributes defined by a module class below ``nn.Module`` in its MRO."""
+    return {k for c in t.__mro__ if c is not nn.Module and c is not object for k in vars(c)}
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _freeze(v: Any, depth: int = 3) -> Any:
+    """A comparable snapshot of a plain attribute: scalars by value, containers and plain objects
+    by content (``depth`` levels deep), modules and tensors by identity (and shape)."""
+    if isinstance(v, _SCALARS):
+        return (type(v), v)
+    if isinstance(v, torch.Tensor):
+        return ("tensor", id(v), tuple(v.shape))
+    if isinstance(v, nn.Module) or depth == 0:
+        return ("id", id(v))
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
+        return (type(v), tuple(_freeze(x, depth - 1) for x in items))
+    if isinstance(v, dict):
+        return (type(v), tuple((_freeze(k, 1), _freeze(x, depth - 1)) for k, x in v.items()))
+    attrs = getattr(v, "__dict__", None)
+    if isinstance(attrs, dict) and not isinstance(v, type):
+        return (type(v), id(v), _freeze(attrs, depth - 1))
+    return ("id", id(v))
+
+
+def _module_state(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """Every module's attributes but ``training``, frozen for comparison."""
+    return [(m, _freeze({k: v for k, v in m.__dict__.items() if k != "training"}))
+            for m in model.modules()]
+
+
+def _mode_switch_changes(model: nn.Module) -> list[str]:
+    """Modules whose state other than ``training`` changes when ``model`` switches eval -> train.
+
+    Some classes override ``train`` (segmentation-models-pytorch keeps a frozen encoder in eval
+    mode); as long as only ``training`` flags change, a graph that reads no flag is the same.
+    """
+    with preserved(model), mode(model, False):
+        before = _module_state(model)
+        model.train(True)
+        after = {id(m): st for m, st in _module_state(model)}
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
+    return [names.get(id(m), type(m).__name__) for m, st in before if after.get(id(m)) != st]
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +338,11 @@ class RouteTracer(fx.Tracer):
         self.specializations: list[str] = []
         self.batch_specialized = False
         self.hooked = False  # some module has forward (pre-)hooks: run them on proxies
+        self.probe: _TrainingProbe | None = None  # records reads of modules' training flags
+        # a specialised value came from an opaque custom leaf's output (whose shape may depend
+        # on the mode): the graph is only valid for the mode it was traced in
+        self.leaf_specialized = False
+        self._code_cache: dict[CodeType, tuple[list[int], list[str], list[Any]]] = {}
 
     # -- leaves ------------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -228,7 +361,8 @@ class RouteTracer(fx.Tracer):
             for n, t in [*root.named_parameters(), *root.named_buffers()]:
                 self._names.setdefault(id(t), n)
         try:
-            return super().trace(root, concrete_args)
+            with _recording(self.probe, True):
+                return super().trace(root, concrete_args)
         except Exception as e:
             if not hasattr(e, "_rs_module"):  # remember where it failed, for the error message
                 e._rs_module = self.current_module()  # type: ignore[attr-defined]
@@ -298,11 +432,13 @@ class RouteTracer(fx.Tracer):
                                      proxy_factory_fn)
         if self.concrete is not None and kind != "output":
             proxy.node.meta["rs_value"] = self._compute(kind, target, args, kwargs)
-            data = target in _DATA_READS or any(
-                a.meta.get("rs_data") for a in proxy.node.all_input_nodes
-            )
-            if data:
+            inputs = proxy.node.all_input_nodes
+            if target in _DATA_READS or any(a.meta.get("rs_data") for a in inputs):
                 proxy.node.meta["rs_data"] = True
+            if (kind == "call_module" and not _torch_nn_type(self.root.get_submodule(target))) or (
+                any(a.meta.get("rs_leaf") for a in inputs)
+            ):
+                proxy.node.meta["rs_leaf"] = True
         return proxy
 
     def _compute(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
@@ -319,7 +455,7 @@ class RouteTracer(fx.Tracer):
                     obj = getattr(obj, part)
             return obj
         a, kw = _values(args), _values(kwargs)
-        with torch.no_grad(), _unpatched_modules():
+        with torch.no_grad(), _unpatched_modules(), _recording(self.probe, False):
             if kind == "call_function":
                 return target(*a, **kw)
             if kind == "call_method":
@@ -345,6 +481,8 @@ class RouteTracer(fx.Tracer):
             )
         if _reads_batch_dim(node, what, value):
             self.batch_specialized = True
+        if node.meta.get("rs_leaf"):
+            self.leaf_specialized = True
         self.specializations.append(f"{self.current_module() or '<root>'}: {what} = {value!r}")
         return value
 
@@ -357,9 +495,23 @@ class RouteTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self._specialize("bool", obj))
 
+    def instructions(self, code: CodeType) -> tuple[list[int], list[str], list[Any]]:
+        """Offsets, op names and arguments of ``code``'s instructions (cached per trace)."""
+        hit = self._code_cache.get(code)
+        if hit is None:
+            inst = list(dis.get_instructions(code))
+            hit = ([i.offset for i in inst], [i.opname for i in inst], [i.argval for i in inst])
+            self._code_cache[code] = hit
+        return hit
+
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         value = self._specialize("iter", obj)
         return iter([obj[i] for i in range(len(value))])
+
+
+def _torch_nn_type(m: nn.Module) -> bool:
+    """A module class of ``torch.nn`` itself (its output shapes never depend on the mode)."""
+    return type(m).__module__.startswith("torch.nn.")
 
 
 def _op_text(node: fx.Node) -> str:
@@ -460,6 +612,26 @@ def _install_concrete_dunders() -> None:
         fx.Proxy.__getattr__ = getattr_  # type: ignore[method-assign]
         fx.Proxy._rs___getattr__ = True  # type: ignore[attr-defined]
 
+    if not getattr(fx.Proxy, "_rs___iter__", False):
+        plain_iter = fx.Proxy.__iter__
+
+        def iter_(self: fx.Proxy) -> Iterator[Any]:
+            tracer = self.tracer
+            frame = inspect.currentframe()
+            caller = frame.f_back if frame is not None else None
+            if not isinstance(tracer, RouteTracer) or caller is None or sys.version_info < (3, 11):
+                return plain_iter(self)  # before 3.11, f_lasti counts code units
+            # fx's Proxy.__iter__, with the caller's disassembly cached per code object (fx
+            # disassembles the whole calling function on every tuple unpacking)
+            offsets, names, counts = tracer.instructions(caller.f_code)
+            i = bisect.bisect_left(offsets, caller.f_lasti)
+            if i < len(names) and names[i] == "UNPACK_SEQUENCE":
+                return (self[k] for k in range(counts[i]))  # type: ignore[index]
+            return tracer.iter(self)
+
+        fx.Proxy.__iter__ = iter_  # type: ignore[method-assign]
+        fx.Proxy._rs___iter__ = True  # type: ignore[attr-defined]
+
     for dunder, what, conv in [
         ("__len__", "len", len),
         ("__int__", "int", int),
@@ -510,14 +682,32 @@ def _trace_once(
     autowrap: Sequence[Callable[..., Any]],
     concrete: bool,
     open_paths: frozenset[str] = frozenset(),
-) -> tuple[fx.GraphModule, RouteTracer]:
+) -> tuple[fx.Graph, RouteTracer]:
     tracer = RouteTracer(leaf_types, leaf_paths, autowrap, concrete=bound if concrete else None,
                          open_paths=open_paths)
-    graph = tracer.trace(model, concrete_args=_concrete_args(bound, model) or None)
+    tracer.probe = _TrainingProbe()
+    with _probing_training(tracer.probe):
+        graph = tracer.trace(model, concrete_args=_concrete_args(bound, model) or None)
     for node in graph.nodes:  # values are only needed while tracing
         node.meta.pop("rs_value", None)
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name), tracer
+    return graph, tracer
+
+
+@dataclass
+class _ModeTrace:
+    """One successful trace in one mode (the graph is not yet compiled into a GraphModule)."""
+
+    graph: fx.Graph
+    root: nn.Module
+    path: str
+    auto_leaves: list[str]
+    specializations: list[str]
+    batch_specialized: bool
+    mode_reads: list[str]  # modules whose ``training`` flag the traced code read
+    leaf_specialized: bool
+
+    def module(self, name: str) -> fx.GraphModule:
+        return fx.GraphModule(self.root, self.graph, name)
 
 
 @dataclass
@@ -543,8 +733,8 @@ def _trace_mode(
     attempts: list[str],
     open_paths: frozenset[str] = frozenset(),
     known: tuple[str, list[str]] | None = None,
-) -> tuple[fx.GraphModule, str, list[str], list[str], bool]:
-    """Trace in the model's current mode; returns (graph, path, auto leaves, specialisations).
+) -> _ModeTrace:
+    """Trace in the model's current mode.
 
     ``known``: the path and auto leaves the other mode needed; tracing starts from there.
     """
@@ -559,13 +749,15 @@ def _trace_mode(
         leaves += auto
     for path, concrete in plans:
         while True:
-            tracer: RouteTracer | None = None
             try:
                 with preserved(model), _library_fixes(model):
-                    gm, tracer = _trace_once(model, bound, leaf_types, leaves, autowrap, concrete,
-                                             open_paths)
-                label = path + ("+leaf" if auto else "")
-                return gm, label, auto, tracer.specializations, tracer.batch_specialized
+                    graph, tracer = _trace_once(model, bound, leaf_types, leaves, autowrap,
+                                                concrete, open_paths)
+                assert tracer.probe is not None
+                reads = _module_names(model, tracer.probe.reads)
+                return _ModeTrace(graph, tracer.root, path + ("+leaf" if auto else ""), auto,
+                                  tracer.specializations, tracer.batch_specialized, reads,
+                                  tracer.leaf_specialized)
             except Exception as e:  # any failure of the user's forward under tracing
                 module = _failing_module(e)
                 last = _Failure(module, e, path + ("+leaf" if auto else ""))
@@ -578,6 +770,13 @@ def _trace_mode(
                 auto.append(module)
     assert last is not None
     raise _trace_error(model, last, attempts)
+
+
+def _module_names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    if not modules:
+        return []
+    ids = {id(m) for m in modules}
+    return [name or "<root>" for name, m in model.named_modules() if id(m) in ids]
 
 
 def _failing_module(e: BaseException) -> str:
@@ -615,7 +814,11 @@ def trace(
     leaf_modules: Sequence[str | type] = (),
     auto_leaf: bool = True,
 ) -> TraceResult:
-    """Trace ``model`` into train- and eval-mode graphs over the same module objects."""
+    """Trace ``model`` into train- and eval-mode graphs over the same module objects.
+
+    One eval-mode trace serves both modes when that is provably the same graph (see
+    ``_retrace_reason``); ``TraceResult.retrace_reason`` says why a second trace was needed.
+    """
     if not isinstance(model, nn.Module):
         raise TracingError(f"expected an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
@@ -633,32 +836,73 @@ def trace(
     # from the analysis: trace into them (with concrete values if needed); the ones that still
     # fail become leaves again through the auto-leaf fallback.
     layer_types = (nn.modules.conv._ConvNd, nn.Linear)
+    lib_tuple, user_tuple = tuple(lib_types), tuple(user_types)
     opened = frozenset(
         name for name, m in model.named_modules()
-        if name and lib_types and isinstance(m, tuple(lib_types))
-        and not (user_types and isinstance(m, tuple(user_types)))
+        if name and lib_tuple and isinstance(m, lib_tuple)
+        and not (user_tuple and isinstance(m, user_tuple))
         and any(isinstance(sub, layer_types) for sub in m.modules() if sub is not m)
     )  # a leaf that *is* a conv (timm's Conv2dSame) is already visible as one layer
     attempts: list[str] = []
-    graphs: dict[bool, tuple[fx.GraphModule, str, list[str], list[str], bool]] = {}
-    known: tuple[str, list[str]] | None = None
-    for training in (True, False):
-        with mode(model, training):
-            graphs[training] = _trace_mode(
-                model, bound, leaf_types, user_paths, autowrap, auto_leaf, attempts, opened, known
-            )
-        known = (graphs[training][1], graphs[training][2])
-    train_gm, train_path, train_leaves, train_spec, train_batch = graphs[True]
-    eval_gm, eval_path, eval_leaves, eval_spec, eval_batch = graphs[False]
-    if train_gm.code == eval_gm.code:
-        eval_gm = train_gm
-    paths = train_path if train_path == eval_path else f"{train_path}/{eval_path}"
+    # Eval mode first (it neither draws random numbers nor updates running statistics while
+    # computing concrete values); train mode only when the eval trace may not hold for it.
+    name = type(model).__name__
+    types = {type(m) for m in model.modules()}
+    # nn.Module.train only sets flags (``mode`` restores them); an override may change more
+    own_train = any(t.train is not nn.Module.train or t.eval is not nn.Module.eval for t in types)
+    keep = preserved if own_train else _unchanged
+    with keep(model), mode(model, False):
+        ev = _trace_mode(model, bound, leaf_types, user_paths, autowrap, auto_leaf, attempts,
+                         opened)
+    eval_gm = ev.module(name)
+    reason = _retrace_reason(model, ev, types, own_train)
+    tr = ev
+    train_gm = eval_gm
+    if reason:
+        with keep(model), mode(model, True):
+            tr = _trace_mode(model, bound, leaf_types, user_paths, autowrap, auto_leaf, attempts,
+                             opened, known=(ev.path, ev.auto_leaves))
+        # same code: one graph serves both modes (no GraphModule is compiled for it)
+        if tr.graph.python_code("self").src != eval_gm.code:
+            train_gm = tr.module(name)
+    paths = tr.path if tr.path == ev.path else f"{tr.path}/{ev.path}"
     return TraceResult(
         train_graph=train_gm,
         eval_graph=eval_gm,
         path=paths,
-        leaves=sorted(set(train_leaves) | set(eval_leaves)),
-        batch_specialized=train_batch or eval_batch,
-        specializations=train_spec + [s for s in eval_spec if s not in train_spec],
+        leaves=sorted(set(tr.auto_leaves) | set(ev.auto_leaves)),
+        batch_specialized=tr.batch_specialized or ev.batch_specialized,
+        specializations=tr.specializations
+        + [sp for sp in ev.specializations if sp not in tr.specializations],
         attempts=attempts,
+        retrace_reason=reason,
     )
+
+
+@contextlib.contextmanager
+def _unchanged(model: nn.Module) -> Iterator[None]:
+    yield
+
+
+def _retrace_reason(model: nn.Module, ev: _ModeTrace, types: set[type], own_train: bool) -> str:
+    """Why the eval-mode graph may not be the train-mode graph ("" when it provably is).
+
+    Tracing runs the model's Python code, and ``model.train()`` changes nothing but the modules'
+    ``training`` flags. If no traced code read a flag, the same code runs in train mode and
+    produces the same graph, *unless* a class changes other state in ``train``/``eval`` or owns its
+    ``training`` attribute, or a value the trace specialised on came from an opaque leaf module
+    (it ran in eval mode while tracing; its output's shape could differ in train mode).
+    """
+    if ev.mode_reads:
+        more = f" and {len(ev.mode_reads) - 3} more" if len(ev.mode_reads) > 3 else ""
+        return f"traced code reads `training` of {ev.mode_reads[:3]}{more}"
+    own = sorted(t.__name__ for t in types if "training" in _class_attrs(t))
+    if own:
+        return f"{own[:3]} define `training` themselves (its reads cannot be recorded)"
+    if own_train:
+        changed = _mode_switch_changes(model)
+        if changed:
+            return f"train() changes more than `training` flags in {changed[:3]}"
+    if ev.leaf_specialized:
+        return "a specialised value came from an opaque leaf module's output"
+    return ""
