@@ -31,7 +31,7 @@ ONET = onet.Config(keeps=(0.5, 0.25), route_export_methods=("drmgf-step", "equal
                                    finetune_epochs=2, methods=DEMO_METHODS,
                                    report_method="drmgf-step"))
 MULTIFASHION = multifashion.Config(
-    n_train=384, n_test=300,
+    n_train=1024, n_test=300,
     # pcgrad's per-task Jacobian over resnet18's 11M shared parameters is the slowest step here;
     # it is compared on the O-Net above and in the full recipe
     run=h.RunConfig(epochs=2, batch_size=32, methods=("equal", "drmgf-step", "drmgf"),
