@@ -148,10 +148,6 @@ def _fix_module_attributes(m: nn.Module) -> None:
             m.num_features = ref.shape[0]
 
 
-def _multiplier(m: nn.modules.conv._ConvNd) -> int:
-    return m.out_channels // m.in_channels
-
-
 def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
     """The route of ``mask`` as a standalone GraphModule with sliced standard modules.
 
@@ -175,10 +171,9 @@ def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
         mine = {p: c for p, c in cuts.items() if p.rsplit(".", 1)[0] == mod_path}
         if not mine:
             continue
-        # depthwise before slicing: multiplier from the original module
-        depthwise = (isinstance(src, nn.modules.conv._ConvNd) and not src.transposed
-                     and src.groups > 1 and src.groups == src.in_channels)
-        mult = _multiplier(src) if depthwise else 1
+        # grouped/depthwise: channels per group from the original module (whole groups go)
+        grouped = (isinstance(src, nn.modules.conv._ConvNd) and not src.transposed
+                   and src.groups > 1)
         new = copy.deepcopy(src)
         for path, axes in mine.items():
             leaf = path.rsplit(".", 1)[1]
@@ -189,9 +184,10 @@ def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
                 setattr(new, leaf, nn.Parameter(t, requires_grad=getattr(src, leaf).requires_grad))
             else:
                 new._buffers[leaf] = t
-        if depthwise:
+        if grouped:
             new.out_channels = new.weight.shape[0]
-            new.in_channels = new.groups = new.weight.shape[0] // mult
+            new.groups = new.weight.shape[0] // (src.out_channels // src.groups)
+            new.in_channels = new.groups * (src.in_channels // src.groups)
         else:
             _fix_module_attributes(new)
         overrides[mod_path] = new
@@ -236,14 +232,14 @@ def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
             items[pos] = slice(new_start, new_stop, None)
             new_node.args = (new_node.args[0], tuple(items) if isinstance(idx, tuple)
                              else items[0])
-    # 3. functional grouped (depthwise) convs name their group count in the graph
+    # 3. functional grouped (and depthwise) convs name their group count in the graph
     for old, info in st.layers.items():
         if old not in env or old.op != "call_function" or info.get("groups", 1) == 1:
             continue
         keep = _keep(groups, mask.pruned, info["in"])
         if keep.all():
             continue
-        _set_arg(env[old], 6, "groups", int(keep.sum()))
+        _set_arg(env[old], 6, "groups", int(keep.sum()) // info.get("group_in", 1))
     route = _build(graph, gm, overrides, f"Route_{_ident(mask.task)}")
     return route.eval()
 

@@ -19,6 +19,7 @@ fractions with learned and magnitude scores and checks every route independently
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import traceback
@@ -481,6 +482,13 @@ def check_spec(spec: dict[str, Any], keeps: Sequence[float] = KEEPS) -> Outcome:
         return Outcome("wrong", f"{type(e).__name__}: {e}\n{tb}")
 
 
+def _float64_error(route: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> float:
+    """Relative error of ``route`` against ``reference``, both run in float64 (on copies)."""
+    a, b = copy.deepcopy(route).double().eval(), copy.deepcopy(reference).double().eval()
+    with torch.no_grad():
+        return relative_error(a(x.double()), b(x.double()))
+
+
 def _check(spec: dict[str, Any], keeps: Sequence[float]) -> Outcome:
     gen = torch.Generator().manual_seed(int(spec["seed"]))
     size = int(spec["size"])
@@ -507,8 +515,13 @@ def _check(spec: dict[str, Any], keeps: Sequence[float]) -> Outcome:
                         err = relative_error(got, full[task])
                         return Outcome("wrong", f"unpruned route {task!r} ({scores}) differs "
                                        f"from the model by {err:.3g}")
-                    ref = surgeon.masked(task, keep=keep, scores=scores)(x2)
+                    masked = surgeon.masked(task, keep=keep, scores=scores)
+                    ref = masked(x2)
                 err = relative_error(got, ref)
+                if not err <= TOL and math.isfinite(err):
+                    # float32 rounding can look large next to an output that cancels to almost
+                    # zero; a wrong channel is an O(1) error in float64 too, rounding is not
+                    err = _float64_error(route, masked, x2)
                 if not err <= TOL or not math.isfinite(err):
                     return Outcome("wrong", f"route {task!r} keep={keep} scores={scores} differs "
                                    f"from its masked reference by {err:.3g}")

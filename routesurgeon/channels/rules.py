@@ -136,7 +136,7 @@ def elementwise(st: AnalysisState, node: fx.Node, *_: Any) -> None:
             for a in tensors:
                 st.fix_node(a, f"channel axes disagree in {_describe(node)}", consumer=node)
         st.spaces[node] = None
-        return
+        return _pin_whole_uses(st, node, tensors, set())
     ax = axes.pop()
     out_ids: np.ndarray | None = None
     others: list[tuple[fx.Node, int]] = []
@@ -160,13 +160,110 @@ def elementwise(st: AnalysisState, node: fx.Node, *_: Any) -> None:
             others.append((a, ia))
     if out_ids is None:  # every tracked input is broadcast: the output's channels are new
         st.spaces[node] = None
-        return
+        return _pin_whole_uses(st, node, tensors, set())
+    sliced: set[fx.Node] = set()
     for a, ia in others:
         if a.op == "get_attr":  # a parameter or buffer per channel: slice it with the channels
             st.slice_param(str(a.target), ia, out_ids)
-        else:
+            sliced.add(a)
+            continue
+        found = _param_chain(st, a, ia, len(out_ids))
+        if found is None:
             st.fix(out_ids, f"combined with an untracked tensor in {_describe(node)}")
+        else:  # e.g. ``gamma.view(1, -1, 1, 1)``: the chain only adds singleton dims
+            st.slice_param(found[0], found[1], out_ids)
+            sliced.add(a)
     st.spaces[node] = Space(ax, out_ids)
+    _pin_whole_uses(st, node, tensors, sliced)
+
+
+def _pin_whole_uses(
+    st: AnalysisState, node: fx.Node, tensors: list[fx.Node], sliced: set[fx.Node]
+) -> None:
+    """Parameters ``node`` uses whole (not sliced with channels) must never be sliced elsewhere."""
+    for a in tensors:
+        if a in sliced or st.space(a) is not None:
+            continue
+        root = a
+        while root.op != "get_attr" and root.args and isinstance(root.args[0], fx.Node) and (
+                (root.op == "call_method" and root.target in _CHAIN_METHODS)
+                or (root.op == "call_function" and root.target in _CHAIN_FUNCS)):
+            root = root.args[0]
+        if root.op == "get_attr":
+            st.pin(str(root.target), f"parameter {root.target!r} is also used whole by "
+                   f"{_describe(node)}")
+
+
+_CHAIN_METHODS = ("view", "reshape", "unsqueeze", "squeeze")
+_CHAIN_FUNCS = (torch.reshape, torch.unsqueeze, torch.squeeze, operator.getitem)
+
+
+def _chain_step_ok(node: fx.Node) -> bool:
+    """True for a view/reshape/unsqueeze/squeeze/getitem whose arguments name no channel count.
+
+    Sizes may only be ``-1`` or ``1`` (they stay right when the channel dim shrinks); indices only
+    ``None``, ``...`` or ``:``; dims only literal ints.
+    """
+    target = node.target
+    if (node.op == "call_method" and target in ("view", "reshape")) or target is torch.reshape:
+        sizes = list(node.args[1:]) + list(node.kwargs.values())
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = list(sizes[0])
+        return bool(sizes) and all(isinstance(v, int) and v in (-1, 1) for v in sizes)
+    if (node.op == "call_method" and target in ("unsqueeze", "squeeze")) or target in (
+            torch.unsqueeze, torch.squeeze):
+        dims = list(node.args[1:]) + list(node.kwargs.values())
+        if len(dims) != 1 or not isinstance(dims[0], int):
+            return False
+        if target in ("squeeze", torch.squeeze):  # a size-1 dim, never the channels (they
+            # could shrink to one channel after pruning and be squeezed away)
+            shp = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+            return shp is not None and -len(shp) <= dims[0] < len(shp) and shp[dims[0]] == 1
+        return True
+    if target is operator.getitem and len(node.args) == 2:
+        idx = node.args[1]
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        return all(i is None or i is Ellipsis or i == slice(None) for i in items)
+    return False
+
+
+def _param_chain(
+    st: AnalysisState, node: fx.Node, axis: int, n: int
+) -> tuple[str, int] | None:
+    """``(path, axis)`` when ``node`` is a per-channel parameter reshaped only by singleton dims.
+
+    ``node`` must be reached from a ``get_attr`` through view/reshape/unsqueeze/squeeze/getitem
+    steps (each used once, none naming a channel count); every tensor on the way must have one
+    dim of size ``n`` (the channels) and size 1 elsewhere, so the steps only move the channel dim
+    and slicing the parameter along it gives exactly the sliced view. ``None`` otherwise.
+    """
+    shape = shape_of(node)
+    if shape is None or not _one_channel_dim(shape, n) or shape[axis] != n:
+        return None
+    cur = node
+    while cur.op != "get_attr":
+        if not _is_chain_step(cur) or len(cur.users) != 1 or not isinstance(cur.args[0], fx.Node):
+            return None
+        cur = cur.args[0]
+        shp = shape_of(cur) if cur.op != "get_attr" else _param_shape(st, str(cur.target))
+        if shp is None or not _one_channel_dim(shp, n):
+            return None
+    # every other use of the parameter must be one whose channels are tracked too
+    if not all(_is_chain_step(u) or rule_for(u, st.gm)[0] is elementwise for u in cur.users):
+        return None
+    p_shape = _param_shape(st, str(cur.target))
+    assert p_shape is not None
+    return str(cur.target), p_shape.index(n)
+
+
+def _one_channel_dim(shape: tuple[int, ...], n: int) -> bool:
+    return n > 1 and shape.count(n) == 1 and all(d in (1, n) for d in shape)
+
+
+def _is_chain_step(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _CHAIN_METHODS and _chain_step_ok(node)
+    return node.op == "call_function" and node.target in _CHAIN_FUNCS and _chain_step_ok(node)
 
 
 def _flat_args(node: fx.Node) -> list[Any]:
@@ -358,8 +455,13 @@ def reshape(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     src = node.args[0]
     s = st.space(src)
     ins, outs = shape_of(src), shape_of(node)
+    if node in st.pending:  # the end of a channel shuffle recognised at its first view
+        st.spaces[node] = st.pending.pop(node)
+        return
     if s is None or ins is None or outs is None:
         st.spaces[node] = None
+        return
+    if _channel_shuffle(st, node, s, ins, outs):
         return
     groups = _merge_groups(ins, outs)
     where = None if groups is None else next((g for g in groups if s.axis in g[0]), None)
@@ -387,20 +489,91 @@ def reshape(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     st.spaces[node] = Space(out_axis, np.ascontiguousarray(ids))
 
 
-def _literal_dim(node: fx.Node, out_axis: int) -> bool:
-    if node.op == "call_function" and node.target in (torch.flatten,):
-        return False
-    if node.op == "call_method" and node.target == "flatten":
-        return False
+def _is_flatten(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten")
+
+
+def _sizes(node: fx.Node) -> list[Any]:
+    """The target sizes of a view/reshape node, as written in the graph."""
     sizes = list(node.args[1:])
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
         sizes = list(sizes[0])
     if "shape" in node.kwargs:
         sizes = list(node.kwargs["shape"])
+    return sizes
+
+
+def _literal_dim(node: fx.Node, out_axis: int) -> bool:
+    if _is_flatten(node):
+        return False
+    sizes = _sizes(node)
     if out_axis >= len(sizes):
         return False
     v = sizes[out_axis]
     return isinstance(v, int) and v != -1
+
+
+def _recomputed(v: Any) -> bool:
+    """A size export need not rewrite: ``-1`` or a value the graph computes (from a shape)."""
+    return isinstance(v, fx.Node) or v == -1
+
+
+def _channel_shuffle(
+    st: AnalysisState, node: fx.Node, s: Space, ins: tuple[int, ...], outs: tuple[int, ...]
+) -> bool:
+    """``view(n, g, C/g, ...)`` -> ``transpose(1, 2)`` -> ``reshape(n, C, ...)``, exactly.
+
+    A permutation of the channels: output position ``i*g + j`` holds input channel ``j*C/g + i``.
+    It stays one after pruning if channel ``i`` is removed from every group ``j`` at once (so the
+    ``g`` groups keep equal sizes): those ``g`` channels are coupled. The group count must be a
+    literal (it must not change), the per-group size and the final channel count recomputed.
+    Returns False (the caller refuses as before) unless the whole pattern matches.
+    """
+    a = s.axis
+    if (node.op == "call_function" and node.target is not torch.reshape) or _is_flatten(node):
+        return False
+    if len(outs) != len(ins) + 1 or outs[:a] != ins[:a] or outs[a + 2:] != ins[a + 1:]:
+        return False
+    g, m = outs[a], outs[a + 1]
+    sizes = _sizes(node)
+    if g < 2 or g * m != ins[a] or len(sizes) != len(outs) or type(sizes[a]) is not int:
+        return False
+    if sizes[a] != g or not _recomputed(sizes[a + 1]) or len(node.users) != 1:
+        return False
+    t = next(iter(node.users))
+    if not _swaps(t, a, len(outs)) or len(t.users) != 1:
+        return False
+    r = next(iter(t.users))
+    if shape_of(r) != ins or rule_for(r, st.gm)[0] is not reshape or r.args[0] is not t:
+        return False
+    if _is_flatten(r):
+        dims = [_arg(r, 1, "start_dim", 0), _arg(r, 2, "end_dim", -1)]
+        if [_norm_axis(d, len(outs)) if isinstance(d, int) else None for d in dims] != [a, a + 1]:
+            return False
+    elif len(_sizes(r)) != len(ins) or not _recomputed(_sizes(r)[a]):
+        return False
+    grid = s.ids.reshape(g, m)  # grid[j, i]: channel i of group j
+    for j in range(1, g):
+        st.couple(grid[0], grid[j])
+    st.pending[r] = Space(a, np.ascontiguousarray(grid.T.reshape(-1)))
+    st.spaces[node] = None  # the view and the transpose feed only the final reshape
+    return True
+
+
+def _swaps(t: fx.Node, a: int, rank: int) -> bool:
+    """True if ``t`` is a transpose/permute exchanging exactly dims ``a`` and ``a + 1``."""
+    if (t.op == "call_method" and t.target in ("transpose", "swapaxes")) or t.target in (
+            torch.transpose, torch.swapaxes):
+        d = [_arg(t, 1, "dim0"), _arg(t, 2, "dim1")]
+        return all(isinstance(x, int) for x in d) and sorted(
+            _norm_axis(x, rank) for x in d) == [a, a + 1]
+    if (t.op == "call_method" and t.target == "permute") or t.target is torch.permute:
+        dims = _sizes(t) if "dims" not in t.kwargs else list(t.kwargs["dims"])
+        want = list(range(rank))
+        want[a], want[a + 1] = a + 1, a
+        return [_norm_axis(x, rank) if isinstance(x, int) else None for x in dims] == want
+    return False
 
 
 def _fix_out(st: AnalysisState, node: fx.Node, s: Space, why: str) -> None:
@@ -638,6 +811,10 @@ def _conv_like(
         mult = c_out // c_in
         st.couple(np.repeat(in_ids, mult), out_ids)  # depthwise: channel c feeds outputs c*m..
         st.slice_param(weight, 0, out_ids)
+    elif not transposed and c_in % groups == 0 and c_out % groups == 0:
+        _couple_whole_groups(st, in_ids, out_ids, groups)
+        st.slice_param(weight, 0, out_ids)  # the weight's in-axis holds one group: never cut
+        st.mask_input(node, 0, Space(1, in_ids))
     else:
         why = f"grouped convolution (groups={groups}) {_describe(node)}"
         st.fix(in_ids, why)
@@ -645,8 +822,22 @@ def _conv_like(
     if bias is not None:
         st.slice_param(bias, 0, out_ids)
     st.layers[node] = {"kind": "conv", "weight": weight, "in": in_ids, "out": out_ids,
-                       "groups": groups}
+                       "groups": groups, "group_in": c_in // groups}
     st.spaces[node] = Space(1, out_ids)
+
+
+def _couple_whole_groups(
+    st: AnalysisState, in_ids: np.ndarray, out_ids: np.ndarray, groups: int
+) -> None:
+    """Grouped conv (1 < groups < channels): a group's in- and out-channels go or stay together.
+
+    Removing whole groups keeps every remaining group's weights and inputs intact; export lowers
+    ``groups`` to the number of groups kept.
+    """
+    a, b = len(in_ids) // groups, len(out_ids) // groups
+    for j in range(groups):
+        members = np.concatenate([in_ids[j * a:(j + 1) * a], out_ids[j * b:(j + 1) * b]])
+        st.couple(members[:-1], members[1:])
 
 
 def _param_shape(st: AnalysisState, path: str) -> tuple[int, ...] | None:

@@ -55,6 +55,8 @@ class AnalysisState:
     layers: dict[fx.Node, dict[str, Any]] = field(default_factory=dict)
     rewrites: dict[fx.Node, tuple[str, Any]] = field(default_factory=dict)
     masks_at: dict[fx.Node, list[tuple[int, Space]]] = field(default_factory=dict)
+    pending: dict[fx.Node, Space] = field(default_factory=dict)  # spaces set ahead by a pattern
+    pinned: dict[str, str] = field(default_factory=dict)  # parameter path -> why never sliced
 
     # -- ids -------------------------------------------------------------------------------
     def new_ids(self, n: int) -> np.ndarray:
@@ -84,6 +86,10 @@ class AnalysisState:
         else:
             self.params[key] = np.asarray(ids)
 
+    def pin(self, path: str, reason: str) -> None:
+        """``path`` is used somewhere whole: whatever channels it carries elsewhere are fixed."""
+        self.pinned.setdefault(path, reason)
+
     def mask_input(self, node: fx.Node, arg_index: int, space: Space) -> None:
         """The masked reference zeroes pruned channels of ``node``'s input ``arg_index``."""
         self.masks_at.setdefault(node, []).append((arg_index, space))
@@ -107,6 +113,9 @@ class AnalysisState:
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
+        for (path, _axis), ids in self.params.items():
+            if path in self.pinned:
+                self.fix(ids, self.pinned[path])
         n = self.n_ids
         if n == 0:
             return np.zeros(0, dtype=np.int64), 0
