@@ -25,7 +25,7 @@ import routesurgeon as rs
 from routesurgeon import checkpoint as ckpt
 from routesurgeon.trainer import Trainer
 
-EPOCHS = 16
+EPOCHS = 64  # 256 steps: 20 kills must all land before the run ends, on a fast machine too
 KILLS = 20
 
 
@@ -133,6 +133,8 @@ def test_sigkill_at_random_points_always_resumes_exactly(tmp_path: Path) -> None
         while _steps_logged(log) < target and p.is_alive() and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.05))
+        assert p.is_alive(), ("the child ended before the kill", p.exitcode,
+                              log.read_text()[-500:])
         os.kill(p.pid, signal.SIGKILL)
         p.join()
         # killed while training, never finished nor crashed
