@@ -539,3 +539,12 @@ def chosen_preset(presets: Mapping[str, Any], args: argparse.Namespace) -> Any:
         if v is not None:
             run = replace(run, **{key: tuple(v) if isinstance(v, list) else v})
     return replace(cfg, run=run)
+
+
+def run_and_print(recipe: Recipe, cfg: RunConfig, out: str | Path) -> dict[str, Any]:
+    """A recipe's ``main``: run it into a fresh ``out`` and print its results table."""
+    out = fresh_dir(out)
+    result = run_recipe(recipe, cfg, out)
+    print((out / "results.md").read_text())
+    print(f"results, report and pictures in {out}")
+    return result

@@ -100,11 +100,7 @@ def parse(argv: list[str] | None = None) -> tuple[Config, Path]:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, out = parse(argv)
-    out = h.fresh_dir(out)
-    result = h.run_recipe(make_recipe(cfg), cfg.run, out)
-    print((out / "results.md").read_text())
-    print(f"results, report and pictures in {out}")
-    return result
+    return h.run_and_print(make_recipe(cfg), cfg.run, out)
 
 
 if __name__ == "__main__":
