@@ -4,6 +4,7 @@ Trace a multi-output model, analyse which filters its tasks share, train it with
 de-conflict baseline, and export one pruned inference route per task.
 """
 
+from routesurgeon._version import __version__
 from routesurgeon.channels import register_channel_rule
 from routesurgeon.errors import (
     CheckpointError,
@@ -28,8 +29,6 @@ from routesurgeon.surgeon import Surgeon, instrument
 from routesurgeon.topology import Layer, Topology
 from routesurgeon.trainer import Trainer
 from routesurgeon.zoo import MultiExit, MultiHead, build_model, multi_exit
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from routesurgeon._version import __version__
 from routesurgeon.errors import CheckpointError
 
 __all__ = [
@@ -58,12 +59,6 @@ class Header:
     world_size: int
     payload_bytes: int
     sha256: str
-
-
-def _version() -> str:
-    import routesurgeon
-
-    return str(routesurgeon.__version__)
 
 
 def fingerprint(*modules: nn.Module) -> list[list[Any]]:
@@ -134,7 +129,7 @@ def write(path: str | os.PathLike[str], payload: Mapping[str, Any], *, fingerpri
     buf = io.BytesIO()
     torch.save(dict(payload), buf)
     body = buf.getvalue()
-    header = Header(version=_version(), format=FORMAT, fingerprint=fingerprint, tasks=list(tasks),
+    header = Header(version=__version__, format=FORMAT, fingerprint=fingerprint, tasks=list(tasks),
                     method=method, epoch=epoch, step=step, world_size=world_size,
                     payload_bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
     head = json.dumps(asdict(header)).encode()
@@ -184,9 +179,9 @@ def read_payload(path: str | os.PathLike[str], *, fingerprint: list[Any], tasks:
     if header.format != FORMAT:
         raise CheckpointError(f"checkpoint {name} has format {header.format}; this routesurgeon "
                               f"reads format {FORMAT}")
-    if header.version != _version():
+    if header.version != __version__:
         raise CheckpointError(f"checkpoint {name} was written by routesurgeon {header.version}, "
-                              f"this is {_version()}; resume it with that version")
+                              f"this is {__version__}; resume it with that version")
     if header.tasks != list(tasks):
         raise CheckpointError(f"checkpoint {name} is of tasks {header.tasks}, this run has "
                               f"{list(tasks)}")

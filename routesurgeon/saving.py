@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from routesurgeon._version import __version__
 from routesurgeon.errors import CheckpointError, ExportError, InputError, TaskError
 from routesurgeon.export import relative_error
 from routesurgeon.report import count_flops, count_params
@@ -42,12 +43,6 @@ FORMATS = ("pt", "pt2", "onnx")
 FORMAT_VERSION = 1
 _FILES = {"pt": "route.pt", "pt2": "route.pt2", "onnx": "route.onnx"}
 _CHECK, _MANIFEST = "check.pt", "manifest.json"
-
-
-def _version() -> str:
-    from routesurgeon import __version__
-
-    return __version__
 
 
 def _sha256(path: Path) -> str:
@@ -243,7 +238,7 @@ def _save_one(name: str, route: nn.Module, info: RouteInfo, d: Path, surgeon: Su
         "name": name,
         "tasks": list(info.tasks),
         "union": mask.tasks is not None,
-        "routesurgeon_version": _version(),
+        "routesurgeon_version": __version__,
         "torch_version": torch.__version__,
         "source": _source(surgeon, source),
         "selection": {"keep": info.keep, "threshold": info.threshold, "scores": info.scores},

@@ -163,7 +163,7 @@ def test_refuses_another_model_method_tasks_and_version(tmp_path: Path,
     renamed = Trainer(s, torch.optim.SGD(s.model_parameters(), lr=0.1), progress=False)
     with pytest.raises(rs.CheckpointError, match=r"tasks \['a', 'b'\].*\['x', 'y'\]"):
         renamed.load_checkpoint(str(path))
-    monkeypatch.setattr(rs, "__version__", "9.9.9")
+    monkeypatch.setattr(ckpt, "__version__", "9.9.9")
     same = _trainer("drmgf-step")
     before = _state(same)
     with pytest.raises(rs.CheckpointError, match=r"routesurgeon 0\.1\.0, this is 9\.9\.9"):
