@@ -344,8 +344,9 @@ def _trace_line(data: dict[str, Any]) -> str:
     sec = tr["seconds"]
     shapes = ", ".join("x".join(map(str, s)) for s in data["input_shapes"])
     line = (
-        f"traced by {tr['path']} on input {shapes}: trace {sec['trace']:.2f} s, verify "
-        f"{sec['verify']:.2f} s, analyse {sec['analyse']:.2f} s "
+        f"traced by {tr['path']} on input {shapes}: trace {sec['trace']:.2f} s, graph run "
+        f"{sec.get('run', 0.0):.2f} s, verify {sec['verify']:.2f} s, analyse "
+        f"{sec['analyse']:.2f} s "
         f"(build + trace {tr['build_and_trace_seconds']:.2f} s)"
     )
     if tr["leaves"]:

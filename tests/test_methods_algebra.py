@@ -15,6 +15,19 @@ from routesurgeon.methods.drmgf import DRMGF
 from routesurgeon.methods.drmgf_step import DRMGFStep
 
 
+class Mlp(nn.Module):
+    """A linear trunk shared by two linear heads (tasks p and q)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 8)
+        self.h1, self.h2 = nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = F.relu(self.l1(x))
+        return {"p": self.h1(z), "q": self.h2(z)}
+
+
 def _losses(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {t: (v.float() ** 2).mean() * (i + 1) for i, (t, v) in enumerate(out.items())}
 
@@ -156,16 +169,6 @@ def test_gated_forward_is_plain_in_eval_and_outside_route(net: nn.Module, x: tor
 
 
 def test_linear_trunk_is_fused_like_conv() -> None:
-    class Mlp(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.l1 = nn.Linear(6, 8)
-            self.h1, self.h2 = nn.Linear(8, 2), nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            z = F.relu(self.l1(x))
-            return {"p": self.h1(z), "q": self.h2(z)}
-
     s = rs.instrument(Mlp(), torch.randn(4, 6))
     assert s.importance_bank.names == ["l1.weight"]
     explicit = _explicit_task_grads(s, torch.randn(4, 6))
@@ -304,16 +307,6 @@ def test_depth_mode_rejects_an_unknown_module_prefix() -> None:
 
 
 def test_branch_mode_scales_each_head_branch_by_its_dominance() -> None:
-    class Mlp(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.l1 = nn.Linear(6, 8)
-            self.h1, self.h2 = nn.Linear(8, 2), nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            z = F.relu(self.l1(x))
-            return {"p": self.h1(z), "q": self.h2(z)}
-
     net = Mlp()
     x = torch.randn(5, 6)
     s = rs.instrument(net, x)
