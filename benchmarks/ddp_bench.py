@@ -149,8 +149,24 @@ def main() -> None:
     rs_b = next(n for k, w, _, n in rows if k == "routesurgeon" and w == 2)
     ddp_b = next(n for k, w, _, n in rows if k == "plain DDP" and w == 2)
     print(f"routesurgeon / plain DDP bytes per step: {rs_b / max(ddp_b, 1):.3f}; predicted "
-          f"4*(params + importance + tasks) / 4*params = "
-          f"{(n_params + n_imp + len(s.tasks)) / n_params:.3f} (Taylor importance synced)")
+          f"{predicted_floats(args.method, s, n_params, n_shared, n_imp) / n_params:.3f}")
+
+
+def predicted_floats(method: str, s: rs.Surgeon, n_params: int, n_shared: int,
+                     n_imp: int) -> int:
+    """Floats all-reduced per step by the Trainer (docs/distributed.md): the T losses, then
+    either the fused gradients (+ the Taylor importance of ``drmgf-step``, + FAMO's 2T
+    loss-based coefficients) or, for the Jacobian aggregators, T copies of the shared
+    parameters' gradients plus the exclusive ones."""
+    from routesurgeon.distributed import sync_mode
+    from routesurgeon.methods.registry import get_method_class
+
+    t = len(s.tasks)
+    cls = get_method_class(method)
+    if sync_mode(cls) == "jacobian":
+        return t + t * n_shared + (n_params - n_shared)
+    extra = {"drmgf-step": n_imp, "famo": 2 * t}.get(method, 0)
+    return t + n_params + extra
 
 
 if __name__ == "__main__":

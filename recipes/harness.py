@@ -4,16 +4,30 @@ A recipe describes its model builder, data and tasks (``Recipe``); ``run_recipe`
 registered method (``rs.available_methods()``) and a single-task baseline per task with the same
 optimiser, epochs and batches, evaluates them, exports per-task routes of the route methods, and
 writes ``results.json``, ``results.md`` and the HTML report into the output directory.
+
+Under ``torchrun --nproc_per_node N recipes/X.py ...`` (``WORLD_SIZE`` > 1 in the environment) the
+harness initialises the process group (gloo; ``cpu:gloo,cuda:nccl`` when CUDA is available), every
+rank trains on its equal share of every global batch (methods through the ``Trainer``, which
+detects the group; single-task baselines and route fine-tuning by averaging gradients here),
+evaluation shards the test batches and all-reduces the metric sums (the same numbers on every
+rank), and only rank 0 writes the output directory, prints and draws progress bars (other ranks
+write into a private temporary directory, removed at exit). BatchNorm in train mode normalises with
+each rank's share (no SyncBatchNorm on CPU); the header of ``results.md`` says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
+import os
 import platform
 import random
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -22,10 +36,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import routesurgeon as rs
+from routesurgeon import distributed as rsdist
 from routesurgeon import report
 from routesurgeon.metrics import MetricSpec
 from routesurgeon.metrics import delta_m as package_delta_m
@@ -155,6 +171,112 @@ def delta_m(metrics: Mapping[str, float], reference: Mapping[str, float],
                            specs)
 
 
+# -- torchrun -------------------------------------------------------------------------------------
+
+_SCRATCH: list[Path] = []  # the private output directory of a rank other than 0
+
+
+def init_distributed() -> int:
+    """Initialise the process group once when launched by ``torchrun`` with more than one process
+    (``WORLD_SIZE`` > 1); return the world size (1 in a plain run).
+
+    The harness trains on CPU, so gloo carries its tensors; with CUDA available the group is
+    ``cpu:gloo,cuda:nccl`` (CUDA tensors would go through nccl). Ranks other than 0 print
+    nothing (stdout to /dev/null; errors still reach stderr). The group is destroyed at exit.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+    atexit.register(_finish_distributed)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return dist.get_world_size()
+
+
+def _finish_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for path in _SCRATCH:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _scratch_dir() -> Path:
+    """A rank > 0's own output directory: what a recipe writes there is thrown away at exit."""
+    if not _SCRATCH:
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix=f"routesurgeon-rank{rsdist.rank()}-")))
+    return _SCRATCH[0]
+
+
+def distributed_info(cfg: RunConfig) -> dict[str, Any]:
+    """What ``results.json`` records about the process group (world size 1 in a plain run)."""
+    world = rsdist.world_size()
+    info: dict[str, Any] = {"world_size": world}
+    if world > 1:
+        info.update(backend=str(dist.get_backend()), per_rank_batch=cfg.batch_size // world,
+                    batchnorm="train-mode BatchNorm normalises with each rank's share of the "
+                              "batch (per-shard statistics; SyncBatchNorm needs GPUs); running "
+                              "statistics are averaged over ranks after each epoch")
+    return info
+
+
+def distributed_header(cfg: RunConfig) -> str:
+    """The line ``results.md`` and the console start with when the run has several processes."""
+    world = rsdist.world_size()
+    if world == 1:
+        return ""
+    return (f"Distributed: {world} processes ({dist.get_backend()}), each trains on 1/{world} of "
+            f"every global batch of {cfg.batch_size} (gradients averaged: equal to one process "
+            f"up to float rounding), except that BatchNorm in train mode uses per-shard "
+            f"statistics ({cfg.batch_size // world} samples; SyncBatchNorm needs GPUs). A global "
+            f"batch that does not split into {world} equal shares loses its last samples.\n")
+
+
+class Sharded:
+    """This rank's equal share of every global batch of ``batches``; a global batch whose size is
+    not a multiple of the world size first loses its last ``size % world`` samples (equal
+    shares keep the averaged gradient equal to the trimmed global batch's)."""
+
+    def __init__(self, batches: Batches) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        world = rsdist.world_size()
+        for x, ys in self.batches:
+            keep = len(x) - len(x) % world
+            if keep:
+                yield rsdist.shard((x[:keep], {t: y[:keep] for t, y in ys.items()}))
+
+
+def train_batches(recipe: Recipe, cfg: RunConfig, seed: int) -> Iterable[Any]:
+    """The training batches of one run: the global batches, or this rank's shares of them."""
+    batches = Batches(recipe.train, cfg.batch_size, True, seed, cfg.max_batches)
+    return Sharded(batches) if rsdist.is_distributed() else batches
+
+
+def replicate(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (a no-op in one process)."""
+    rsdist.broadcast_tensors([t for t in model.state_dict().values() if t.is_floating_point()])
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average ``.grad`` over ranks in one all-reduce (a no-op in one process)."""
+    rsdist.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
+
+
+def average_buffers(model: nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over ranks."""
+    rsdist.all_reduce_mean([b for b in model.buffers() if b.is_floating_point()])
+
+
 # -- data -----------------------------------------------------------------------------------------
 
 
@@ -199,14 +321,24 @@ def outputs_by_task(out: Any, tasks: Sequence[str]) -> dict[str, Tensor]:
 @torch.no_grad()
 def evaluate(model: Callable[..., Any], loader: Batches, recipe: Recipe,
              tasks: Sequence[str] | None = None) -> dict[str, float]:
-    """``{task/metric: value}`` of ``model`` (eval mode) over ``loader``."""
+    """``{task/metric: value}`` of ``model`` (eval mode) over ``loader``.
+
+    Under torchrun each rank evaluates its part of every batch and the metric sums are
+    all-reduced: every rank returns the numbers of the whole test set."""
     names = list(recipe.task_names or recipe.tasks)
     chosen = list(tasks or recipe.tasks)
     if isinstance(model, nn.Module):
         was = model.training
         model.eval()
     sums: dict[str, np.ndarray] = {}
+    world, rank = rsdist.world_size(), rsdist.rank()
     for x, ys in loader:
+        counted = True
+        if len(x) >= world:  # this rank's part of the batch (the parts may differ by one)
+            x, ys = x.tensor_split(world)[rank], {t: y.tensor_split(world)[rank]
+                                                   for t, y in ys.items()}
+        else:  # too small to split: every rank runs it, rank 0 counts it
+            counted = rank == 0
         outs = model(x)
         several = isinstance(outs, (tuple, list)) and len(outs) > 1
         outs = outputs_by_task(outs, names if several else chosen)
@@ -214,9 +346,17 @@ def evaluate(model: Callable[..., Any], loader: Batches, recipe: Recipe,
             for m in recipe.tasks[t].metrics:
                 key = f"{t}/{m.name}"
                 s = m.stats(outs[t], ys[t])
+                s = s if counted else np.zeros_like(s)
                 sums[key] = sums[key] + s if key in sums else s
     if isinstance(model, nn.Module):
         model.train(was)
+    if world > 1:  # the metric sums of the whole test set, the same on every rank
+        keys = sorted(sums)
+        flat = torch.from_numpy(np.concatenate([np.asarray(sums[k], np.float64).ravel()
+                                                for k in keys]))
+        dist.all_reduce(flat)
+        parts = np.split(flat.numpy(), np.cumsum([sums[k].size for k in keys])[:-1])
+        sums = {k: v.reshape(np.shape(sums[k])) for k, v in zip(keys, parts, strict=True)}
     return {k: next(m for m in recipe.tasks[k.split("/")[0]].metrics
                     if m.name == k.split("/", 1)[1]).finish(v) for k, v in sums.items()}
 
@@ -240,8 +380,9 @@ def train_method(recipe: Recipe, method: str, seed: int, cfg: RunConfig
     surgeon = rs.instrument(model, example, tasks=list(recipe.task_names or recipe.tasks))
     optimizer = torch.optim.Adam(surgeon.model_parameters(), lr=cfg.lr)
     config: dict[str, Any] = {"epochs": cfg.epochs} if method == "drmgf" else {}
-    trainer = rs.Trainer(surgeon, optimizer, method=method, config=config, progress=cfg.progress)
-    train = Batches(recipe.train, cfg.batch_size, True, seed, cfg.max_batches)
+    trainer = rs.Trainer(surgeon, optimizer, method=method, config=config,
+                         progress=cfg.progress)  # detects the process group under torchrun
+    train = train_batches(recipe, cfg, seed)
     test = Batches(recipe.test, 256, False)
     t0 = time.perf_counter()
     passes = 0.0
@@ -261,7 +402,8 @@ def train_single(recipe: Recipe, task: str, seed: int, cfg: RunConfig) -> dict[s
     model, _ = recipe.build(seed)
     names = list(recipe.task_names or recipe.tasks)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    train = Batches(recipe.train, cfg.batch_size, True, seed, cfg.max_batches)
+    train = train_batches(recipe, cfg, seed)
+    replicate(model)
     t0 = time.perf_counter()
     for _ in range(cfg.epochs):
         model.train()
@@ -269,7 +411,9 @@ def train_single(recipe: Recipe, task: str, seed: int, cfg: RunConfig) -> dict[s
             optimizer.zero_grad(set_to_none=True)
             out = outputs_by_task(model(x), names)[task]
             recipe.tasks[task].loss(out, ys[task]).backward()
+            average_gradients(model)
             optimizer.step()
+        average_buffers(model)
     metrics = evaluate(model, Batches(recipe.test, 256, False), recipe, tasks=[task])
     return {"task": task, "seed": seed, "metrics": metrics, "wall_s": time.perf_counter() - t0}
 
@@ -288,14 +432,17 @@ def latency_ms(module: Callable[..., Any], x: Tensor, repeats: int = 10) -> floa
 def finetune_route(route: nn.Module, recipe: Recipe, task: str, cfg: RunConfig, seed: int) -> None:
     """Fine-tune an exported route on its own task loss for ``cfg.finetune_epochs``."""
     optimizer = torch.optim.Adam(route.parameters(), lr=cfg.lr)
-    train = Batches(recipe.train, cfg.batch_size, True, seed + 1, cfg.max_batches)
+    train = train_batches(recipe, cfg, seed + 1)
+    replicate(route)
     for _ in range(cfg.finetune_epochs):
         route.train()
         for x, ys in train:
             optimizer.zero_grad(set_to_none=True)
             out = outputs_by_task(route(x), [task])[task]
             recipe.tasks[task].loss(out, ys[task]).backward()
+            average_gradients(route)
             optimizer.step()
+        average_buffers(route)
     route.eval()
 
 
@@ -418,7 +565,11 @@ def routes_markdown(routes: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> st
 
 def fresh_dir(path: str | Path) -> Path:
     """``path`` if it does not exist or is empty, else ``path-2``, ``path-3``, ... (never
-    overwrites an earlier run)."""
+    overwrites an earlier run). Under torchrun (the process group is initialised here) only
+    rank 0 gets it; the other ranks get a private temporary directory."""
+    init_distributed()
+    if rsdist.rank() != 0:
+        return _scratch_dir()
     p = Path(path)
     candidate, k = p, 1
     while candidate.exists() and any(candidate.iterdir()):
@@ -449,7 +600,18 @@ def write_report(surgeon: rs.Surgeon, path: Path, history: list[dict[str, Any]],
 def run_recipe(recipe: Recipe, cfg: RunConfig, out: Path,
                after_method: Callable[[str, int, rs.Surgeon], dict[str, Any]] | None = None,
                ) -> dict[str, Any]:
-    """Train every method (and the single-task baselines) on every seed; write the results."""
+    """Train every method (and the single-task baselines) on every seed; write the results.
+
+    Under torchrun every rank runs this (in step) and returns rank 0's result; rank 0 writes
+    ``out``, the others a private temporary directory."""
+    init_distributed()
+    lead = rsdist.rank() == 0
+    if not lead:
+        out = _scratch_dir()
+        cfg = replace(cfg, progress=False)
+    header = distributed_header(cfg)
+    if header:
+        print(header)
     torch.set_num_threads(cfg.threads)
     methods = list(cfg.methods or rs.available_methods())
     # seed by seed, single-task baselines first: a run stopped early leaves complete seeds
@@ -480,7 +642,7 @@ def run_recipe(recipe: Recipe, cfg: RunConfig, out: Path,
             if extra:
                 extras.setdefault(job, {})[seed] = extra
         shown = cfg.report_method or (cfg.route_methods[0] if cfg.route_methods else methods[0])
-        if first and job == shown:
+        if first and job == shown and lead:
             report_path = write_report(surgeon, out / "report.html", trainer.history,
                                        routes.get(job), f"{recipe.name}: {job}, seed {seed}")
             _pictures(surgeon, out)
@@ -491,10 +653,19 @@ def run_recipe(recipe: Recipe, cfg: RunConfig, out: Path,
               "runs": runs, "single_task": singles, "summary": summary, "routes": routes,
               "extras": extras, "report": str(report_path) if report_path else None,
               "total_wall_s": time.perf_counter() - t_start,
-              "machine": f"{platform.machine()} {platform.processor()} threads={cfg.threads}",
-              "torch": torch.__version__}
+              "machine": f"{platform.machine()} {platform.processor()} threads={cfg.threads}"
+                         f"{f' x {rsdist.world_size()} processes' if header else ''}",
+              "torch": torch.__version__, "distributed": distributed_info(cfg)}
+    if rsdist.is_distributed():  # every rank returns rank 0's record (timings, latencies)
+        shared = [result]
+        dist.broadcast_object_list(shared, src=0)
+        result = shared[0]
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    summary, routes = result["summary"], result["routes"]
     text = markdown(summary, f"{recipe.name} (seeds {list(cfg.seeds)}, {cfg.epochs} epochs)")
+    if header:
+        title, rest = text.split("\n", 1)
+        text = f"{title}\n\n{header}{rest}"
     if routes:
         text += "\n#### Exported routes (first seed)\n\n" + routes_markdown(routes)
     (out / "results.md").write_text(text)

@@ -3,11 +3,20 @@
 When ``torch.distributed`` is initialised, the ``Trainer`` (not ``DistributedDataParallel``)
 keeps ranks in step: at construction it broadcasts rank 0's model, importance variables and method
 parameters; every step it all-reduces the task losses (T floats, so every rank skips the same
-non-finite steps and logs the global loss) and then, in one flat bucket, the *method's fused
-gradients* of every parameter the optimizers hold, plus the importance variables when the method
-updates them in its backward (``drmgf-step`` with Taylor importance). Each rank must see an equal
-share of the global batch (the losses are means): the result then equals one process on the global
-batch, up to float rounding. See ``docs/distributed.md``.
+non-finite steps and logs the global loss), then synchronises the method's gradient in one of two
+ways, which the method declares (``sync_mode``):
+
+- ``"gradients"``: the method's gradient is linear in the per-task gradients once its loss-derived
+  coefficients are global (``equal``, ``uncertainty``, ``famo``, ``imta-ge``, ``drmgf``,
+  ``drmgf-step``): one flat all-reduce of the *fused gradients* of every parameter the optimizers
+  hold, plus the importance variables when the method updates them in its backward.
+- ``"jacobian"``: a non-linear aggregator (``pcgrad``, ``cagrad``, ``nash-mtl``, ``upgrad``,
+  ``mgda``, ``imtl-g``): the method all-reduces its T x shared-parameter Jacobian (and the
+  exclusive parameters' gradients) once per step through the reducer the trainer installs, then
+  aggregates identically on every rank; nothing else is reduced.
+
+Each rank must see an equal share of the global batch (the losses are means): the result then
+equals one process on the global batch, up to float rounding. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -20,20 +29,36 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "EXACT_METHODS",
+    "SYNC_MODES",
     "CommStats",
     "all_reduce_mean",
     "broadcast_tensors",
     "is_distributed",
     "rank",
     "shard",
+    "sync_mode",
     "world_size",
 ]
 
-# Methods whose gradient is linear in the per-task gradients of the mean loss: averaging them over
-# ranks equals the single-process gradient on the global batch. Aggregators (pcgrad, cagrad,
-# nash-mtl, upgrad, mgda, imtl-g) and famo are not: they would need the whole Jacobian reduced.
-EXACT_METHODS = frozenset({"equal", "uncertainty", "imta-ge", "drmgf", "drmgf-step"})
+SYNC_MODES = ("gradients", "jacobian")
+
+# Methods whose classes live in modules that do not declare ``data_parallel`` themselves; both
+# are linear in the per-task gradients (see docs/distributed.md).
+_DECLARED_HERE = {"drmgf": "gradients", "drmgf-step": "gradients"}
+
+
+def sync_mode(method: Any) -> str | None:
+    """How ranks are kept exact for ``method``: ``"gradients"`` (the trainer averages ``.grad``),
+    ``"jacobian"`` (the method averages its per-task gradients through its ``reducer``), or
+    ``None`` (unknown: the trainer refuses it under a process group). A method declares it with a
+    ``data_parallel`` class attribute."""
+    mode = getattr(method, "data_parallel", None)
+    if mode is None:
+        mode = _DECLARED_HERE.get(getattr(method, "name", ""))
+    if mode is not None and mode not in SYNC_MODES:
+        raise ValueError(f"{type(method).__name__}.data_parallel is {mode!r}; use one of "
+                         f"{SYNC_MODES} (or None to refuse process groups)")
+    return mode
 
 
 def is_distributed() -> bool:
@@ -49,18 +74,23 @@ def rank() -> int:
 
 
 class CommStats:
-    """Bytes and calls this process sent through ``all_reduce`` / ``broadcast``."""
+    """Bytes and calls this process sent through ``all_reduce`` / ``broadcast``, in total and by
+    kind (``broadcast``, ``losses``, ``gradients``, ``jacobian``, ``method``)."""
 
     def __init__(self) -> None:
         self.bytes = 0
         self.calls = 0
+        self.by_kind: dict[str, int] = {}
 
-    def add(self, tensor: Tensor) -> None:
-        self.bytes += tensor.numel() * tensor.element_size()
+    def add(self, tensor: Tensor, kind: str = "other") -> None:
+        n = tensor.numel() * tensor.element_size()
+        self.bytes += n
         self.calls += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + n
 
 
-def all_reduce_mean(tensors: Sequence[Tensor], stats: CommStats | None = None) -> None:
+def all_reduce_mean(tensors: Sequence[Tensor], stats: CommStats | None = None,
+                    kind: str = "gradients") -> None:
     """Average ``tensors`` in place over ranks with one flat all-reduce per dtype."""
     if not is_distributed() or not tensors:
         return
@@ -72,7 +102,7 @@ def all_reduce_mean(tensors: Sequence[Tensor], stats: CommStats | None = None) -
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.all_reduce(flat)
         if stats is not None:
-            stats.add(flat)
+            stats.add(flat, kind)
         flat /= n
         offset = 0
         for t in group:
@@ -93,7 +123,7 @@ def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0,
         flat = torch.cat([t.detach().reshape(-1) for t in group])
         dist.broadcast(flat, src)
         if stats is not None:
-            stats.add(flat)
+            stats.add(flat, "broadcast")
         offset = 0
         with torch.no_grad():
             for t in group:

@@ -130,18 +130,9 @@ class Trainer:
         self._progress: dict[str, Any] | None = None  # mid-epoch position (checkpoints)
         self._batch: tuple[tuple[Any, ...], Mapping[str, Any], Mapping[str, LossFn]] | None = None
         self._global_losses: dict[str, float] | None = None
+        self._sync_grads = True  # average .grad over ranks in guard_step (under a process group)
         if rsdist.is_distributed():
-            if self.method_name not in rsdist.EXACT_METHODS:
-                raise NotImplementedError(
-                    f"method {self.method_name!r} under torch.distributed: its gradient is not "
-                    f"linear in the per-task gradients, so averaging over ranks would not equal "
-                    f"one process; supported: {sorted(rsdist.EXACT_METHODS)}")
-            if getattr(self.method, "importance_mode", None) == "gated":
-                raise NotImplementedError(
-                    f"{self.method_name!r} with gated importance under torch.distributed: its "
-                    f"Adam step on A from each rank's own batch is not synchronised; use "
-                    f"importance='taylor' (synchronised) or train on one process")
-            self._broadcast_state()
+            self._setup_distributed()
 
     # -- what is trained -------------------------------------------------------------------------
     def optimizer_params(self) -> list[nn.Parameter]:
@@ -165,6 +156,34 @@ class Trainer:
         for i, p in enumerate(self.method.parameters()):
             names.setdefault(id(p), f"{self.method_name}.param{i}")
         return names
+
+    def _setup_distributed(self) -> None:
+        """Refuse what cannot be kept exact, choose how gradients are synchronised, install the
+        method's reducer and broadcast rank 0's state."""
+        mode = rsdist.sync_mode(self.method)
+        if mode is None:
+            raise NotImplementedError(
+                f"method {self.method_name!r} under torch.distributed: it does not declare how "
+                f"its gradient is synchronised (set data_parallel = 'gradients' if it is linear "
+                f"in the per-task gradients, or 'jacobian' and average them with reduce_mean), "
+                f"so averaging over ranks might not equal one process; the built-in methods "
+                f"(see rs.available_methods()) are all supported")
+        if getattr(self.method, "importance_mode", None) == "gated":
+            raise NotImplementedError(
+                f"{self.method_name!r} with gated importance under torch.distributed: its "
+                f"Adam step on A from each rank's own batch is not synchronised; use "
+                f"importance='taylor' (synchronised) or train on one process")
+        # "jacobian": the method reduces its per-task gradients itself; .grad is then global
+        self._sync_grads = mode == "gradients"
+        if hasattr(self.method, "reducer"):
+            comm = self.comm
+
+            def reducer(tensors: Sequence[Tensor]) -> None:
+                rsdist.all_reduce_mean(tensors, comm, kind=mode if mode == "jacobian"
+                                       else "method")
+
+            self.method.reducer = reducer
+        self._broadcast_state()
 
     def _broadcast_state(self) -> None:
         bank = self.surgeon.importance_bank
@@ -196,7 +215,7 @@ class Trainer:
         tasks = self.surgeon.tasks
         if rsdist.is_distributed():
             vec = torch.stack([losses[t].detach().float().cpu() for t in tasks])
-            rsdist.all_reduce_mean([vec], self.comm)
+            rsdist.all_reduce_mean([vec], self.comm, kind="losses")
             bad = [t for t, v in zip(tasks, vec.tolist()) if not torch.isfinite(torch.tensor(v))]
             self._global_losses = dict(zip(tasks, vec.tolist()))
         else:
@@ -210,10 +229,14 @@ class Trainer:
                    values: Sequence[Tensor] = ()) -> bool:
         """All-reduce (when distributed) and check the gradients of ``params`` (default: all the
         optimizers hold) and the tensors ``values``; on a non-finite one zero the gradients, skip
-        the step (raising after ``max_nonfinite`` in a row) and return False."""
+        the step (raising after ``max_nonfinite`` in a row) and return False.
+
+        A method that synchronises its per-task gradients itself (``data_parallel="jacobian"``)
+        leaves identical gradients on every rank: they are only checked, not reduced again."""
         params = list(self.optimizer_params() if params is None else params)
         grads = [p.grad for p in params if p.grad is not None]
-        rsdist.all_reduce_mean([*grads, *values], self.comm)
+        if self._sync_grads:
+            rsdist.all_reduce_mean([*grads, *values], self.comm)
         if all_finite([*grads, *values]):
             return True
         names = self._param_names()
@@ -340,6 +363,7 @@ class Trainer:
                 layer: {t: float(v.mean()) for t, v in per.items()}
                 for layer, per in self.surgeon.importance().items()
             }
+        self.sync_buffers()
         self.history.append(record)
         self.epoch += 1
         if checkpoint is not None:
@@ -378,6 +402,17 @@ class Trainer:
                 self.save_checkpoint(checkpoint)
                 self._progress = None
         return {"losses": {t: v / max(n, 1) for t, v in sums.items()}, "passes": 1, "steps": n}
+
+    def sync_buffers(self) -> None:
+        """Average the model's floating-point buffers (BatchNorm running statistics) over ranks.
+
+        In train mode each rank's BatchNorm normalises and updates its running statistics with
+        its own share of the batch; averaging them at the end of every epoch (``fit_epoch`` does)
+        keeps the ranks' models identical for evaluation and checkpoints. A no-op in one process.
+        Users with their own loop call it before evaluating.
+        """
+        floats = [b for b in self.surgeon.model.buffers() if b.is_floating_point()]
+        rsdist.all_reduce_mean(floats, self.comm, kind="buffers")
 
     def _bar(self, loader: Iterable[Any], desc: str) -> Iterable[Any]:
         if not self.progress or rsdist.rank() != 0:

@@ -34,6 +34,13 @@ class GradientMethod:
     """Base class of per-step methods. Subclasses register with ``@register_method(name)``."""
 
     name: ClassVar[str] = ""
+    #: How data-parallel ranks stay exact (``routesurgeon.distributed.sync_mode``): "gradients"
+    #: (the gradient is linear in the per-task gradients: the trainer averages ``.grad``),
+    #: "jacobian" (the method averages its per-task gradients with ``reduce_mean`` before
+    #: combining them), None (unknown: refused under a process group).
+    data_parallel: ClassVar[str | None] = None
+    #: Installed by the ``Trainer`` under torch.distributed: averages tensors over ranks in place.
+    reducer: Callable[[Sequence[Tensor]], None] | None = None
 
     def __init__(self, context: MethodContext, **config: Any) -> None:
         if config:
@@ -50,6 +57,17 @@ class GradientMethod:
                    recompute: Callable[[], Mapping[str, Tensor]] | None = None) -> None:
         """Called after ``optimizer.step()`` with the step's (detached) losses; ``recompute``
         gives the same batch's losses under the updated weights (FAMO needs them)."""
+
+    def reduce_mean(self, tensors: Sequence[Tensor]) -> None:
+        """Average ``tensors`` in place over the data-parallel ranks (one flat all-reduce); a
+        no-op in one process. Every rank must pass the same list of shapes."""
+        if self.reducer is not None:
+            self.reducer(tensors)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether a reducer is installed (the trainer runs under a process group)."""
+        return self.reducer is not None
 
     # -- extra state ------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:

@@ -10,6 +10,11 @@ their own task's gradient, as in ``torchjd.autojac.mtl_backward``.
 does not provide: at every point where the graph branches towards different task sets, the gradient
 coming back along a branch is scaled by (tasks that branch reaches) / (tasks the point reaches),
 which for a chain of exits is IMTA's 1/(n-i) on the exit and (n-i-1)/(n-i) on the trunk.
+
+Under torch.distributed (``routesurgeon.distributed``) every method equals one process on the
+global batch: the loss-weighting methods and ``imta-ge`` are linear in the per-task gradients (the
+trainer averages ``.grad``; FAMO takes its loss-derived coefficients from the averaged losses),
+and the aggregators average their per-task gradient matrix over ranks before aggregating.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ __all__ = [
 
 class ScalarizerMethod(GradientMethod):
     """A torchjd ``Scalarizer`` over the task losses, then one ordinary backward."""
+
+    data_parallel = "gradients"  # a weighted sum of the losses: linear in their gradients
 
     def make_scalarizer(self, n_tasks: int) -> nn.Module:
         raise NotImplementedError
@@ -77,10 +84,28 @@ class Uncertainty(ScalarizerMethod):
         return UW(n_tasks)
 
 
+class _Substitute(torch.autograd.Function):
+    """``value`` in the forward, while the gradient flows to ``local`` unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, value: Tensor) -> Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 @register_method("famo")
 class Famo(ScalarizerMethod):
     """FAMO (Liu et al. 2023): its logits are updated from the losses recomputed on the same
-    batch after the model step (the trainer passes ``recompute``)."""
+    batch after the model step (the trainer passes ``recompute``).
+
+    Its gradient, sum_i c_i * grad(loss_i) with c_i computed from the loss values, is linear in
+    the per-task gradients once the c_i are the same on every rank: under torch.distributed the
+    coefficients (and the logits' update) use the losses averaged over ranks, while the gradient
+    flows through this rank's losses; the trainer then averages the gradients as for ``equal``.
+    """
 
     def __init__(self, context: Any, lr: float = 0.025, weight_decay: float = 1e-3) -> None:
         self.lr, self.weight_decay = lr, weight_decay
@@ -94,14 +119,25 @@ class Famo(ScalarizerMethod):
     def parameters(self) -> list[nn.Parameter]:
         return []  # FAMO steps its own logits
 
+    def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
+        values = stack_losses(self.tasks, losses)
+        if self.distributed:  # global loss values, this rank's gradients (T floats reduced)
+            global_values = values.detach().clone()
+            self.reduce_mean([global_values])
+            values = _Substitute.apply(values, global_values)
+        loss = self.scalarizer(values)
+        loss.backward()
+        return {"loss/total": float(loss.detach())}
+
     def after_step(self, losses: Mapping[str, Tensor],
                    recompute: Callable[[], Mapping[str, Tensor]] | None = None) -> None:
         if recompute is None:
             raise RuntimeError("famo needs the losses recomputed on the same batch after the "
                                "step: call method.after_step(losses, recompute=fn)")
         with torch.no_grad():
-            new = recompute()
-        self.scalarizer.update(stack_losses(self.tasks, new).detach())
+            new = stack_losses(self.tasks, recompute()).detach()
+        self.reduce_mean([new])  # the global batch's losses after the step
+        self.scalarizer.update(new)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scalarizer": self.scalarizer.state_dict(),
@@ -117,7 +153,14 @@ class Famo(ScalarizerMethod):
 
 
 class AggregatorMethod(GradientMethod):
-    """A torchjd ``Aggregator`` on the Jacobian of the task losses w.r.t. the shared parameters."""
+    """A torchjd ``Aggregator`` on the Jacobian of the task losses w.r.t. the shared parameters.
+
+    Under torch.distributed the Jacobian (T rows of the shared parameters' size) and the exclusive
+    parameters' gradients are averaged over ranks in one all-reduce before aggregating: every rank
+    then aggregates the global batch's per-task gradients, identically.
+    """
+
+    data_parallel = "jacobian"
 
     def make_aggregator(self, n_tasks: int) -> Any:
         raise NotImplementedError
@@ -140,6 +183,10 @@ class AggregatorMethod(GradientMethod):
             stacked.sum().backward(inputs=self.exclusive, retain_graph=bool(self.shared))
         if self.shared:
             backward(list(stacked.unbind()), inputs=self.shared)
+        if self.distributed:  # the per-task gradients of the global batch, on every rank
+            self.reduce_mean([*(p.jac for p in self.shared),  # type: ignore[attr-defined]
+                              *(p.grad for p in self.exclusive if p.grad is not None)])
+        if self.shared:
             jac_to_grad(self.shared, self.aggregator)
         return {"loss/total": float(stacked.detach().sum())}
 
@@ -209,6 +256,8 @@ def equilibrium_graph(gm: fx.GraphModule, reach: Mapping[fx.Node, int]) -> fx.Gr
 @register_method("imta-ge")
 class GradientEquilibrium(GradientMethod):
     """IMTA's gradient equilibrium, generalised to any branching multi-output graph."""
+
+    data_parallel = "gradients"  # fixed scales on the backward: linear in the task gradients
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
