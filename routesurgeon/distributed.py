@@ -42,9 +42,9 @@ __all__ = [
 
 SYNC_MODES = ("gradients", "jacobian")
 
-# Methods whose classes live in modules that do not declare ``data_parallel`` themselves; both
-# are linear in the per-task gradients (see docs/distributed.md).
-_DECLARED_HERE = {"drmgf": "gradients", "drmgf-step": "gradients"}
+# Methods whose classes do not declare ``data_parallel`` themselves; linear in the per-task
+# gradients (see docs/distributed.md).
+_DECLARED_HERE = {"drmgf": "gradients"}
 
 
 def sync_mode(method: Any) -> str | None:

@@ -168,11 +168,6 @@ class Trainer:
                 f"in the per-task gradients, or 'jacobian' and average them with reduce_mean), "
                 f"so averaging over ranks might not equal one process; the built-in methods "
                 f"(see rs.available_methods()) are all supported")
-        if getattr(self.method, "importance_mode", None) == "gated":
-            raise NotImplementedError(
-                f"{self.method_name!r} with gated importance under torch.distributed: its "
-                f"Adam step on A from each rank's own batch is not synchronised; use "
-                f"importance='taylor' (synchronised) or train on one process")
         # "jacobian": the method reduces its per-task gradients itself; .grad is then global
         self._sync_grads = mode == "gradients"
         if hasattr(self.method, "reducer"):

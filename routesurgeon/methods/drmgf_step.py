@@ -224,6 +224,10 @@ def branch_graph(gm: fx.GraphModule, reach: Mapping[fx.Node, int], tasks: list[s
 class DRMGFStep(GradientMethod):
     """Per-step dominance-weighted fusion of per-task gradients on shared filters."""
 
+    #: the fused gradient is linear in the per-task gradients (the trainer averages ``.grad``);
+    #: gated importance averages its own gradient of A with ``reduce_mean``
+    data_parallel = "gradients"
+
     def __init__(self, context: Any, **config: Any) -> None:
         self.cfg = DRMGFStepConfig(**config)
         super().__init__(context)
@@ -463,9 +467,15 @@ class DRMGFStep(GradientMethod):
                 task_losses = recompute()
             total = task_losses[t] + self.cfg.alpha * sum(
                 v for k, v in task_losses.items() if k != t)
-            if not torch.isfinite(total.detach()):
+            loss = total.detach().reshape(1).clone()
+            if self.distributed:  # every rank takes the same finiteness decision
+                self.reduce_mean([loss])
+            if not torch.isfinite(loss).all():
                 continue
             grads = torch.autograd.grad(total, a_params, allow_unused=True)
+            # under a process group: the global batch's gradient of A is the mean of the ranks'
+            # (the losses are means over equal shares); every rank leaves the same A unused
+            self.reduce_mean([g for g in grads if g is not None])
             for p, g in zip(a_params, grads):
                 p.grad = g
             self._imp_opt.step()
