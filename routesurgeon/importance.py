@@ -9,11 +9,13 @@ both the reference algorithm and the per-step variant.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
 __all__ = ["ImportanceBank", "RouteConfig", "dominance", "gate", "lrn"]
@@ -28,6 +30,10 @@ class RouteConfig:
     beta: float = 1e-4
     gamma: float = 0.75
     s0: float = 1e-3
+    # Filter granularity: a shared plain conv/linear is gated on its activations when its
+    # output has at most this many times its weight's elements, else on its weight (cheaper
+    # for early layers: large outputs, small kernels). Both are exact; this only sets the cost.
+    activation_gate_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.granularity not in ("filter", "connection"):
@@ -124,6 +130,133 @@ class _GatedKernel(torch.autograd.Function):
 _EPS = 1e-12
 
 
+class _ActivationGated(torch.autograd.Function):
+    """A conv or linear layer gated per output filter on its activations, not its weights.
+
+    With the norm per filter, ``conv(x, g * W / ||W||) + b == s * y + b`` with ``y = conv(x, W)``
+    and the per-filter scalar ``s = g / max(||W||, eps)``: the forward reads W once for the norm
+    and writes no gated copy of it. Backward: one native conv backward of ``gs = s * grad``
+    gives the input gradient and ``s * dL/dW_eff``. ``_GatedKernel``'s per-filter
+    ``dot = sum(dL/dW_eff * W)`` equals ``sum(grad * y)`` over the batch and positions (the conv
+    is linear in W), so ``dL/dg = dot / c`` and ``dL/dW = s * dL/dW_eff - W * s * dot / (c * n)``
+    (where ``n > eps``), its closed form, from the saved ``y``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, g: Tensor,
+                conv: tuple[Any, ...] | None) -> Tensor:
+        n = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.dim())))
+        c = n.clamp_min(_EPS)
+        s = g / c
+        view = (-1, *([1] * (weight.dim() - 2)))  # broadcasts over the output's channel dim
+        if conv is None:
+            y = torch.nn.functional.linear(x, weight)
+        else:
+            stride, padding, dilation, groups = conv
+            y = torch.convolution(x, weight, None, stride, padding, dilation, False,
+                                  [0] * len(stride), groups)
+        out = (torch.addcmul(bias.view(view), y, s.view(view)) if bias is not None
+               else y * s.view(view))
+        ctx.conv = conv
+        ctx.save_for_backward(x, weight, n, c, s, y)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, n, c, s, y = ctx.saved_tensors
+        need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
+        conv = ctx.conv
+        view = (-1, *([1] * (weight.dim() - 2)))
+        chan = (grad.dim() - 1) if conv is None else (grad.dim() - weight.dim() + 1)
+        other = [d for d in range(grad.dim()) if d != chan]
+        grad_b = None
+        if need_b:
+            grad_b = grad.sum(dim=other) if other else grad.clone()
+        dot = None
+        if need_w or need_g:
+            prod = grad * y
+            dot = prod.sum(dim=other) if other else prod
+        grad_x = grad_w = None
+        if need_x or need_w:
+            gs = grad * s.view(view)
+            if conv is None:
+                grad_x = gs.matmul(weight) if need_x else None
+                if need_w:
+                    grad_w = gs.reshape(-1, weight.shape[0]).t().mm(
+                        x.reshape(-1, weight.shape[1]))
+            else:
+                stride, padding, dilation, groups = conv
+                grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                    gs, x, weight, None, stride, padding, dilation, False, [0] * len(stride),
+                    groups, [need_x, need_w, False])
+        if need_w:
+            assert dot is not None and grad_w is not None
+            coef = torch.where(n > _EPS, -s * dot / (c * n), 0.0)
+            grad_w = grad_w.addcmul_(weight, coef.view(-1, *([1] * (weight.dim() - 1))))
+        grad_g = dot / c if need_g and dot is not None else None
+        return grad_x, grad_w, grad_b, grad_g, None
+
+
+_ACTIVATION_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _activation_gateable(module: nn.Module) -> bool:
+    """Whether ``_gated_layer`` computes exactly what ``module`` computes with a gated weight:
+    a plain Conv1d/2d/3d (zero padding given as numbers) or Linear, no hooks of its own."""
+    if type(module) not in _ACTIVATION_TYPES or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def _gated_layer(module: nn.Module, gate_: Tensor, x: Tensor, ratio: float) -> Tensor:
+    """``module(x)`` with its weight gated per filter: on its activations
+    (``_ActivationGated``) when its output is at most ``ratio`` times the weight's size, else
+    on its weight (``_GatedKernel``: cheaper for early layers with large outputs and small
+    kernels). An empty gate (the task does not reach the layer): plain."""
+    if not gate_.numel():
+        return module(x)
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        conv = None
+        out_numel = x.numel() // max(w.shape[1], 1) * w.shape[0]
+    else:
+        conv = (list(module.stride), list(module.padding), list(module.dilation), module.groups)
+        out_numel = _conv_out_numel(x, w, conv)
+    if out_numel > ratio * w.numel():
+        wg = _GatedKernel.apply(w, gate_.reshape(-1, *([1] * (w.dim() - 1))),
+                                tuple(range(1, w.dim())))
+        if conv is None:
+            return torch.nn.functional.linear(x, wg, module.bias)
+        return module._conv_forward(x, wg, module.bias)  # type: ignore[operator]
+    unbatched = conv is not None and x.dim() == w.dim() - 1
+    y = _ActivationGated.apply(x.unsqueeze(0) if unbatched else x, w, module.bias, gate_, conv)
+    return y.squeeze(0) if unbatched else y
+
+
+def _conv_out_numel(x: Tensor, w: Tensor, conv: tuple[Any, ...]) -> int:
+    stride, padding, dilation, _ = conv
+    k = w.dim() - 2
+    size = x.shape[0] * w.shape[0] if x.dim() == w.dim() else w.shape[0]
+    for i in range(k):
+        length = x.shape[x.dim() - k + i]
+        size *= (length + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+    return size
+
+
+def _hooks_or_autocast(modules: Sequence[nn.Module]) -> bool:
+    """Whether a module call would run hooks (or autocast) that ``_gated_layer`` bypasses."""
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    if any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def _unbroadcast(x: Tensor, like: Tensor) -> Tensor:
     """Sum ``x`` over the dims where ``like`` was broadcast (size 1 in ``like``)."""
     if x.shape == like.shape:
@@ -203,6 +336,135 @@ class ImportanceBank(nn.Module):
             if task in tasks:
                 out[name] = gated_weight(params[name], self.a(name), tasks.index(task), self.cfg)
         return out
+
+    @torch.no_grad()
+    def bake_(self, params: Mapping[str, Tensor], task: str) -> None:
+        """``W := G_t * W / ||W||`` in place for every shared weight in ``params`` that ``task``
+        reaches: the values of ``gated_weights``, without a gated copy of each weight."""
+        for name in self.names:
+            tasks = self.tasks_of[name]
+            if task not in tasks or name not in params:
+                continue
+            w = params[name]
+            g = gate(self.a(name), tasks.index(task), self.cfg)
+            g = g.reshape(*g.shape, *([1] * (w.dim() - g.dim())))
+            dims = _norm_dims(w, self.cfg.granularity)
+            n = w.abs() if not dims else torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+            w.mul_(g / n.clamp_min(_EPS))
+
+    def gated_call(self, gm: fx.GraphModule, params: Mapping[str, Tensor], task: str,
+                   args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> Any:
+        """``task``'s gated forward of the traced graph ``gm`` (the model's, its parameters
+        ``params`` by name): ``functional_call(gm, self.gated_weights(params, task), ...)``.
+
+        At filter granularity each shared plain conv/linear layer is gated on its output
+        channels instead (``_ActivationGated``: same values and gradients, no gated copy of the
+        weight); other layers, connection granularity, hooked modules and autocast take the
+        weight path.
+        """
+        kw = dict(kwargs or {})
+        plan = self._activation_plan(gm)
+        if plan is None or _hooks_or_autocast(plan[2]):
+            gated = self.gated_weights(params, task)
+            return torch.func.functional_call(gm, gated, tuple(args), kw, strict=False)
+        gm_act, buffers, _ = plan
+        values: dict[str, Tensor] = {}
+        gates = self.filter_gates(task)
+        for name, g in gates.items():
+            if name in buffers:
+                values[buffers[name]] = g
+            else:
+                w = params[name]
+                values[name] = _GatedKernel.apply(w, g.reshape(-1, *([1] * (w.dim() - 1))),
+                                                  _norm_dims(w, "filter"))
+        return torch.func.functional_call(gm_act, values, tuple(args), kw, strict=False)
+
+    def filter_gates(self, task: str) -> dict[str, Tensor]:
+        """``gate(self.a(name), t, cfg)`` for every shared weight ``task`` reaches, at filter
+        granularity, in a dozen batched ops (not a dozen per layer): every A of those layers
+        in one vector, P elementwise, the per-filter sum over tasks by ``index_add``."""
+        if self.cfg.granularity != "filter":
+            raise NotImplementedError("filter_gates is for granularity='filter'; use gate()")
+        plans = self.__dict__.setdefault("_gate_plans", {})
+        if task not in plans:
+            names = [n for n in self.names if task in self.tasks_of[n]]
+            keys, pos, own_sel, own_pos, denom, sizes = [], [], [], [], [], []
+            at = start = 0
+            for n in names:
+                tasks = self.tasks_of[n]
+                size = self.A[_key(n, tasks[0])].numel()
+                for t in tasks:
+                    keys.append(_key(n, t))
+                    pos.append(torch.arange(start, start + size))
+                    if t == task:
+                        own_sel.append(torch.arange(at, at + size))
+                    at += size
+                own_pos.append(torch.arange(start, start + size))
+                denom.append(torch.full((size,), self.cfg.rho + len(tasks) - 1))
+                sizes.append(size)
+                start += size
+            plans[task] = (names, keys, torch.cat(pos), torch.cat(own_sel), torch.cat(own_pos),
+                           torch.cat(denom), sizes, start)
+        names, keys, pos, own_sel, own_pos, denom, sizes, total = plans[task]
+        if not names:
+            return {}
+        flat = torch.cat([self.A[k].reshape(-1) for k in keys])
+        dev = flat.device
+        mag = flat.abs()
+        p = mag / (1.0 + self.cfg.beta * mag) ** self.cfg.gamma
+        summed = torch.zeros(total, dtype=p.dtype, device=dev).index_add(0, pos.to(dev), p)
+        own = p.index_select(0, own_sel.to(dev))
+        g = (self.cfg.rho * own + (summed.index_select(0, own_pos.to(dev)) - own)) / denom.to(
+            device=dev, dtype=p.dtype)
+        return dict(zip(names, g.split(sizes), strict=True))
+
+    def _activation_plan(self, gm: fx.GraphModule
+                         ) -> tuple[fx.GraphModule, dict[str, str], list[nn.Module]] | None:
+        """A copy of ``gm`` whose activation-gateable shared layers call ``_gated_layer`` with a
+        gate buffer (empty: the plain layer), cached per graph; ``None`` at connection
+        granularity or when no layer qualifies."""
+        if self.cfg.granularity != "filter":
+            return None
+        cache = self.__dict__.setdefault("_plans", {})
+        key = id(gm)
+        if key in cache and cache[key][0] is gm:
+            return cache[key][1]
+        count: dict[int, int] = {}
+        for _, p in gm.named_parameters(remove_duplicate=False):
+            count[id(p)] = count.get(id(p), 0) + 1
+        names = set(self.names)
+        chosen = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+                continue
+            weight = f"{node.target}.weight"
+            mod = gm.get_submodule(str(node.target))
+            if (weight in names and _activation_gateable(mod)
+                    and count.get(id(mod.weight)) == 1):  # not tied to another module
+                chosen.append((node.target, weight, mod))
+        plan = None
+        if chosen:
+            gm_act = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+            buffers: dict[str, str] = {}
+            targets = {}
+            for i, (target, weight, _) in enumerate(chosen):
+                buffers[weight] = targets[target] = f"_rs_gate_{i}"
+                gm_act.register_buffer(buffers[weight], torch.empty(0), persistent=False)
+            graph = gm_act.graph
+            for node in list(graph.nodes):
+                if node.op == "call_module" and node.target in targets:
+                    with graph.inserting_before(node):
+                        mod_node = graph.get_attr(node.target)
+                        gate_node = graph.get_attr(targets[node.target])
+                        new = graph.call_function(_gated_layer, (
+                            mod_node, gate_node, *node.args, self.cfg.activation_gate_ratio))
+                    new.meta = dict(node.meta)
+                    node.replace_all_uses_with(new)
+                    graph.erase_node(node)
+            gm_act.recompile()
+            plan = (gm_act, buffers, [m for _, _, m in chosen])
+        cache[key] = (gm, plan)
+        return plan
 
     def dominance(self, name: str) -> Tensor:
         """D for the shared weight, norm weight or norm bias ``name``: [T_W, ...] in task order.

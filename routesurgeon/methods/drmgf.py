@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from routesurgeon.errors import LossError
+from routesurgeon.guards import check_call_inputs, shape_error
 from routesurgeon.importance import dominance
 from routesurgeon.methods.registry import register_method
 
@@ -46,6 +47,10 @@ class DRMGFConfig:
     s_batches: int | None = None  # batches of the S pass (None: the whole cycle)
     delta_dtype: str = "float32"  # "bfloat16" halves the displacement memory
     delta_device: str | None = None  # e.g. "cpu" to offload displacements
+    # Keep the theta0 and displacement buffers between cycles (T + 1 copies of the route
+    # parameters stay allocated; the per-epoch peak is the same): fresh memory for them every
+    # cycle costs a page fault per page. False frees them after each cycle.
+    keep_workspace: bool = True
 
 
 @register_method("drmgf")
@@ -67,9 +72,11 @@ class DRMGF:
             raise ValueError(f"task_order {order} must be a permutation of {self.tasks}")
         self.order = order
         self.bank = context.importance_bank
-        self.params = {n: p for n, p in context.model.named_parameters() if p.requires_grad}
+        self._named = dict(context.model.named_parameters())
+        self.params = {n: p for n, p in self._named.items() if p.requires_grad}
         self.tasks_of = context.param_tasks()
         self._imp_opt: torch.optim.Optimizer | None = None
+        self._work: dict[str, dict[str, Tensor]] = {}  # see _buffers
         self._s_opt: torch.optim.Optimizer | None = None
 
     # -- the GradientMethod surface the trainer also uses ---------------------------------------
@@ -137,9 +144,10 @@ class DRMGF:
         s = self.surgeon
         names = list(self.params)
         plist = [self.params[n] for n in names]
+        theta0 = self._buffers("theta0", names, None, None)
+        start = list(theta0.values())
         with torch.no_grad():
-            start = torch._foreach_mul([p.detach() for p in plist], 1.0)  # one fused copy
-        theta0 = dict(zip(names, start, strict=True))
+            torch._foreach_copy_(start, [p.detach() for p in plist])
         bank_params = [*self.bank.A.values(), *self.bank.S.values()]
         bank0 = [p.detach().clone() for p in bank_params]
         dtype = getattr(torch, self.cfg.delta_dtype)
@@ -157,8 +165,7 @@ class DRMGF:
                     self._imp_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                 args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
                 if routed:
-                    with s.route(t):
-                        outs = trainer.task_outputs(s(*args))
+                    outs = trainer.task_outputs(self._routed_forward(t, tuple(args)))
                 else:
                     outs = trainer.task_outputs(s(*args))
                 task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
@@ -181,16 +188,20 @@ class DRMGF:
                 losses[t].append(float(task_losses[t].detach()))
             with torch.no_grad():
                 if routed:
-                    for name, w in s.importance_bank.gated_weights(self.params, t).items():
-                        self.params[name].copy_(w)
+                    self.bank.bake_(self.params, t)
                 route = [n for n in names if t in self.tasks_of.get(n, ())]
-                diffs = torch._foreach_sub([self.params[n].detach() for n in route],
-                                           [theta0[n] for n in route])
-                deltas[t] = {n: d.to(dtype=dtype, device=self.cfg.delta_device)
-                             for n, d in zip(route, diffs, strict=True)}
+                deltas[t] = self._buffers(f"delta:{t}", route, dtype, self.cfg.delta_device)
+                for n, buf in deltas[t].items():
+                    p = self.params[n].detach()
+                    if buf.dtype == p.dtype and buf.device == p.device:
+                        torch.sub(p, theta0[n], out=buf)
+                    else:
+                        buf.copy_(p - theta0[n])
                 bn_snaps[t] = {n: b.detach().clone() for n, b in s.model.named_buffers()
                                if n.endswith(("running_mean", "running_var"))}
         self._fuse(trainer, batches, loss_fns, theta0, deltas, bn_snaps)
+        if not self.cfg.keep_workspace:
+            self._work.clear()
         if not routed:  # phase 2: EMA towards the cycle's start
             e = self.cfg.ema
             with torch.no_grad():
@@ -200,6 +211,40 @@ class DRMGF:
                 else:
                     for n, p in self.params.items():
                         p.copy_((1 - e) * p + e * theta0[n])
+
+    def _routed_forward(self, task: str, args: tuple[Any, ...]) -> Any:
+        """What ``with surgeon.route(task): surgeon(*args)`` computes, through the importance
+        bank's gated call (filter gates applied to the activations where that is exact)."""
+        s = self.surgeon
+        check_call_inputs(s.model, s._example_meta, args, {})
+        if s.traced.specialized:
+            s._check_shapes(args, {})
+        try:
+            return self.bank.gated_call(s.graph_module, self._named, task, args)
+        except RuntimeError as e:
+            err = shape_error(s._example_meta, args, {}, e)
+            if err is None:
+                raise
+            raise err from e
+
+    def _buffers(self, key: str, names: Sequence[str], dtype: torch.dtype | None,
+                 device: str | None) -> dict[str, Tensor]:
+        """Uninitialised buffers shaped like the parameters ``names`` (theta0, a task's
+        displacements), kept between cycles when ``keep_workspace``: new memory costs page
+        faults on every first touch, the same buffers do not."""
+        have = self._work.get(key)
+        want = {n: (self.params[n].shape, dtype or self.params[n].dtype,
+                    torch.device(device) if device else self.params[n].device) for n in names}
+        if have is None or list(have) != list(want) or any(
+                (b.shape, b.dtype, b.device) != want[n] for n, b in have.items()):
+            have = {n: torch.empty(sh, dtype=dt, device=dev) for n, (sh, dt, dev) in want.items()}
+            self._work[key] = have
+        return have
+
+    def held_bytes(self) -> int:
+        """Bytes of theta0 and displacement buffers kept between cycles (``keep_workspace``)."""
+        return sum(b.numel() * b.element_size() for bufs in self._work.values()
+                   for b in bufs.values())
 
     # -- fusion ----------------------------------------------------------------------------------
     def fused(self, theta0: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]],
@@ -223,7 +268,7 @@ class DRMGF:
                     d = dominance([a.detach() for a in bank.a(n)], bank.s(n))
                 else:
                     d = bank.dominance(n)
-                out[n] = _Mix.apply(p0, d, *[deltas[t][n].to(p0) for t in order])
+                out[n] = _Mix.apply(p0, d, None, *[deltas[t][n] for t in order])
             else:
                 out[n] = p0 + sum(deltas[t][n].to(p0) for t in tasks) / len(tasks)
         return out
@@ -231,24 +276,33 @@ class DRMGF:
     def _fuse(self, trainer: Any, batches: Iterable[Any], loss_fns: Mapping[str, Any],
               theta0: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]],
               bn_snaps: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """The fused parameters are written into the live ones: first, once, every one that does
+        not depend on S; then, per batch of the S pass, the shared weights and norms as a
+        differentiable function of S (``_Mix`` into the parameter's own storage); last, those
+        again with the learned S."""
         s = self.surgeon
         self._merge_bn(bn_snaps)
         s.train()
         n_batches = 0
         in_graph = {n for n, _ in s.graph_module.named_parameters()}
         bank = self.bank
-        # only shared weights and norms depend on S: fuse the rest once
-        dynamic = {n for n in in_graph if (n in bank.tasks_of or n in bank.norm_tasks)
-                   and sum(n in deltas.get(t, {}) for t in self.tasks) > 1}
+        # only shared weights and norms depend on S
+        dynamic = [n for n in theta0 if n in in_graph
+                   and (n in bank.tasks_of or n in bank.norm_tasks)
+                   and sum(n in deltas.get(t, {}) for t in self.tasks) > 1]
         with torch.no_grad():
-            static = {n: v for n, v in self.fused(theta0, deltas, skip=dynamic).items()
-                      if n in in_graph}
+            static = self.fused(theta0, deltas, skip=set(dynamic))
+            names = list(static)
+            torch._foreach_copy_([self.params[n] for n in names], [static[n] for n in names])
+            del static
+        dominances = self._dominances(dynamic)
         for inputs, targets in trainer._bar(batches, "fuse"):
             if self.cfg.s_batches is not None and n_batches >= self.cfg.s_batches:
                 break
             args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
             self._s_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-            params = {**static, **self.fused(theta0, deltas, only=dynamic)}
+            ds = dominances()
+            params = {n: self._mix(n, theta0, deltas, ds[n]) for n in dynamic}
             out = torch.func.functional_call(s.graph_module, params, args, strict=False)
             outs = trainer.task_outputs(out)
             task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
@@ -256,6 +310,7 @@ class DRMGF:
             if not trainer.check_step_losses(task_losses, " in the fusion pass"):
                 continue
             sum(task_losses.values()).backward()
+            del params, out, outs
             scales = list(self.surgeon.scale_parameters())
             if not trainer.guard_step(scales, " of the meta scales S in the fusion pass"):
                 continue
@@ -263,10 +318,54 @@ class DRMGF:
             self._s_opt.step()  # type: ignore[union-attr]
             n_batches += 1
         with torch.no_grad():
-            final = {**self.fused(theta0, deltas, skip=set(static) | dynamic), **static,
-                     **self.fused(theta0, deltas, only=dynamic)}
-            names = list(final)
-            torch._foreach_copy_([self.params[n] for n in names], [final[n] for n in names])
+            ds = dominances()
+            for n in dynamic:
+                self._mix(n, theta0, deltas, ds[n])
+
+    def _mix(self, n: str, theta0: Mapping[str, Tensor],
+             deltas: Mapping[str, Mapping[str, Tensor]], d: Tensor) -> Tensor:
+        """The fused value of the shared weight or norm ``n`` with dominance ``d``, written into
+        the live parameter (through a fresh detached alias, so no batch's graph reaches
+        another's)."""
+        order = self.bank.tasks_of.get(n) or self.bank.norm_tasks[n]
+        return _Mix.apply(theta0[n], d, self.params[n].detach(),
+                          *[deltas[t][n] for t in order])
+
+    def _dominances(self, names: Sequence[str]) -> Any:
+        """A function giving the dominance D of every name in ``names`` from the current S, as
+        ``ImportanceBank.dominance`` computes it with A detached, in a few batched ops: the
+        A factor ``|A_t| / sum_inputs |A_t|`` (1 / size for norms) is fixed during the S pass,
+        so per batch only ``pi = factor * |S|`` and its normalisation over tasks are computed,
+        over all the names sharing one task set at once."""
+        bank = self.bank
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for n in names:
+            groups.setdefault(tuple(bank.tasks_of.get(n) or bank.norm_tasks[n]), []).append(n)
+        plans = []
+        with torch.no_grad():
+            for members in groups.values():
+                factors = []
+                for n in members:
+                    amps = ([a.detach().abs() for a in bank.a(n)] if n in bank.tasks_of
+                            else [torch.ones_like(sc) for sc in bank.s(n)])
+                    factors.append(torch.stack([
+                        (m / (m.sum(dim=-1, keepdim=True) if m.dim() >= 1 else m)
+                         .clamp_min(1e-12)).reshape(-1) for m in amps]))
+                plans.append((members, torch.cat(factors, 1),
+                              [f.shape[1] for f in factors]))
+
+        def compute() -> dict[str, Tensor]:
+            out: dict[str, Tensor] = {}
+            for members, factor, sizes in plans:
+                per_task = zip(*[bank.s(n) for n in members], strict=True)
+                scales = torch.stack([torch.cat([x.reshape(-1) for x in xs]) for xs in per_task])
+                pi = factor * scales.abs()
+                d = pi / pi.sum(dim=0, keepdim=True).clamp_min(1e-30)
+                for n, part in zip(members, d.split(sizes, dim=1), strict=True):
+                    out[n] = part.reshape(-1, *bank.s(n)[0].shape)
+            return out
+
+        return compute
 
     def _merge_bn(self, snaps: Mapping[str, Mapping[str, Tensor]]) -> None:
         """Moment-matched mean of the running statistics of the snapshots of the tasks whose
@@ -295,33 +394,56 @@ class DRMGF:
 class _Mix(torch.autograd.Function):
     """``W0 + sum_t D_t * Delta_t`` (D per filter or connection), differentiable in D only.
 
-    Forward: T in-place ``addcmul_`` into one copy of W0; backward: one dot product per task and
-    slice. Each displacement is read once per direction and no [T, ...] temporary is
+    ``_Mix.apply(p0, d, into, *parts)``: written into ``into`` when it is given (a detached
+    alias of the live parameter, marked dirty) so the S pass allocates no weight-size tensor
+    per batch; else into a new tensor. Forward: one ``addcmul`` and T - 1 in-place ones;
+    backward: per task one dot product per slice, in row blocks through one small buffer that
+    stays in cache. Each displacement is read once per direction and no [T, ...] temporary is
     built: the S pass is bound by reading the displacements.
     """
 
     @staticmethod
-    def forward(ctx: Any, p0: Tensor, d: Tensor, *parts: Tensor) -> Tensor:
+    def forward(ctx: Any, p0: Tensor, d: Tensor, into: Tensor | None, *parts: Tensor) -> Tensor:
         g = d[0].numel()
-        out = p0.detach().reshape(g, -1).clone()
-        for j, part in enumerate(parts):
-            out.addcmul_(d[j].detach().reshape(g, 1), part.reshape(g, -1))
+        if into is None:
+            out = torch.empty_like(p0, memory_format=torch.contiguous_format)
+        else:
+            out = into
+            ctx.mark_dirty(into)
+        flat = out.view(g, -1)
+        dd = d.detach()
+        torch.addcmul(p0.detach().reshape(g, -1), dd[0].reshape(g, 1),
+                      parts[0].reshape(g, -1).to(out), out=flat)
+        for j in range(1, len(parts)):
+            flat.addcmul_(dd[j].reshape(g, 1), parts[j].reshape(g, -1).to(out))
         ctx.save_for_backward(d, *parts)
-        return out.reshape(p0.shape)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         d, *parts = ctx.saved_tensors
-        g = d[0].numel()
         grad_d = None
         if ctx.needs_input_grad[1]:
+            g = d[0].numel()
             flat = grad.reshape(g, -1)
-            buf = torch.empty_like(flat)  # one full-size buffer for the T products
-            grad_d = torch.stack([torch.mul(flat, part.reshape(g, -1), out=buf).sum(-1)
-                                  for part in parts]).reshape(d.shape)
+            grad_d = torch.empty((len(parts), g), dtype=grad.dtype, device=grad.device)
+            rows = max(1, _BLOCK // max(flat.shape[1], 1))
+            buf = torch.empty((min(rows, g), flat.shape[1]), dtype=grad.dtype,
+                              device=grad.device)
+            flats = [part.reshape(g, -1) for part in parts]
+            for r in range(0, g, rows):
+                block = flat[r:r + rows] if rows < g else flat
+                b = buf[: block.shape[0]] if rows < g else buf
+                for j, part in enumerate(flats):
+                    torch.mul(block, (part[r:r + rows] if rows < g else part).to(grad), out=b)
+                    torch.sum(b, -1, out=grad_d[j, r:r + rows] if rows < g else grad_d[j])
+            grad_d = grad_d.reshape(d.shape)
         grad_p0 = grad if ctx.needs_input_grad[0] else None
-        return (grad_p0, grad_d, *([None] * len(parts)))
+        return (grad_p0, grad_d, None, *([None] * len(parts)))
+
+
+_BLOCK = 1 << 20  # elements per row block of the S-gradient products (4 MB in float32)
 
 
 def _nonfinite(losses: Mapping[str, Tensor]) -> list[str]:
