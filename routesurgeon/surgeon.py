@@ -106,8 +106,7 @@ class Surgeon(nn.Module):
                     raise
                 raise err from e
         params = dict(self.model.named_parameters())
-        gated = self.importance_bank.gated_weights(params, task)
-        return torch.func.functional_call(self.graph_module, gated, args, kwargs, strict=False)
+        return self.importance_bank.gated_call(self.graph_module, params, task, args, kwargs)
 
     @contextlib.contextmanager
     def route(self, task: str) -> Iterator[None]:
