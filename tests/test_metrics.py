@@ -32,6 +32,37 @@ def test_delta_m_reproduces_drmgf_released_logs(row: dict[str, float], published
     assert delta_m(row, NYUV2_STL, NYUV2_METRICS) == pytest.approx(published, abs=0.01)
 
 
+# Published NYUv2 rows of the baselines (SegNet-MTAN protocol, the same STL reference), as
+# reprinted in the results table of a later MTL paper (IMGrad), which gives depth errors to two
+# decimals only: Nash-MTL (Navon et al. 2022) delta_m -4.04, FAMO (Liu et al. 2023) delta_m -4.10.
+NASH_MTL_REPRINT = {"miou": 0.4013, "pix_acc": 0.6593, "abs_err": 0.53, "rel_err": 0.22,
+                    "angle_mean": 25.26, "angle_median": 20.08, "within_11.25": 0.2840,
+                    "within_22.5": 0.5547, "within_30": 0.6815}
+FAMO_REPRINT = {"miou": 0.3888, "pix_acc": 0.6490, "abs_err": 0.55, "rel_err": 0.22,
+                "angle_mean": 25.06, "angle_median": 19.57, "within_11.25": 0.2921,
+                "within_22.5": 0.5661, "within_30": 0.6898}
+# The depth errors at the precision of the Nash-MTL and FAMO papers' own tables (four decimals;
+# consistent with the reprint's rounding, checked below).
+FOUR_DECIMAL_DEPTH = {"nash-mtl": {"abs_err": 0.5261, "rel_err": 0.2171},
+                      "famo": {"abs_err": 0.5474, "rel_err": 0.2194}}
+
+
+@pytest.mark.parametrize(("name", "row", "published"),
+                         [("nash-mtl", NASH_MTL_REPRINT, -4.04), ("famo", FAMO_REPRINT, -4.10)])
+def test_delta_m_reproduces_published_baseline_rows(name: str, row: dict[str, float],
+                                                    published: float) -> None:
+    # delta_m is linear in each metric: over the rounding intervals of the two depth errors the
+    # reprinted row spans [lo, hi], which must contain the published value ...
+    ends = [delta_m(row | {"abs_err": row["abs_err"] + da, "rel_err": row["rel_err"] + dr},
+                    NYUV2_STL, NYUV2_METRICS)
+            for da in (-0.005, 0.005) for dr in (-0.005, 0.005)]
+    assert min(ends) <= published <= max(ends)
+    # ... and with the papers' four-decimal depth errors it is reproduced to the rounding
+    precise = row | FOUR_DECIMAL_DEPTH[name]
+    assert all(abs(precise[k] - row[k]) <= 0.005 for k in ("abs_err", "rel_err"))
+    assert delta_m(precise, NYUV2_STL, NYUV2_METRICS) == pytest.approx(published, abs=0.01)
+
+
 def test_baseline_against_itself_is_zero() -> None:
     assert delta_m(NYUV2_STL, NYUV2_STL, NYUV2_METRICS) == 0.0
     assert delta_m_tasks(NYUV2_STL, NYUV2_STL, NYUV2_METRICS) == 0.0
