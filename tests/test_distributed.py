@@ -117,6 +117,17 @@ def _worker(rank: int, tmp: Path) -> None:
         dist.destroy_process_group()
 
 
+def _launch(target: Any, tmp: Path, timeout: float) -> None:
+    """Run ``target(rank, tmp)`` in WORLD forked processes; every one must exit cleanly."""
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=target, args=(r, tmp)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+
+
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str,
            atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
@@ -134,13 +145,7 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path
     ref_drmgf = _trainer("drmgf", seed=20)
     ref_drmgf.fit_epoch(batches, LOSSES)
 
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(r, tmp_path)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    _launch(_worker, tmp_path, timeout=180)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
 
     # identical across ranks (bit for bit: every rank applies the same averaged update)
@@ -198,13 +203,7 @@ def test_nonlinear_methods_under_two_gloo_processes_equal_one_process(tmp_path: 
         tr = _trainer(method, seed=50)
         ref[method] = {"losses": _run(tr, batches, STEPS), "state": _state(tr),
                        "method": tr.method.state_dict()}
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_nonlinear_worker, args=(r, tmp_path)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    _launch(_nonlinear_worker, tmp_path, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"nl{r}.pt", weights_only=False) for r in range(WORLD))
 
     tr = _trainer("pcgrad", seed=0)
@@ -259,13 +258,7 @@ def _refusal_worker(rank: int, tmp: Path) -> None:
 
 
 def test_unsynchronisable_methods_are_refused_under_a_process_group(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_refusal_worker, args=(r, tmp_path)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    _launch(_refusal_worker, tmp_path, timeout=60)
     for r in range(WORLD):
         undeclared = (tmp_path / f"msg{r}").read_text()
         assert "'undeclared' under torch.distributed" in undeclared
@@ -297,13 +290,7 @@ def test_gated_importance_under_two_gloo_processes_equals_one_process(tmp_path: 
     tr = _gated_trainer(seed=70)
     init = _state(tr)
     ref_losses, ref_state = _run(tr, _batches(), STEPS), _state(tr)
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_gated_worker, args=(r, tmp_path)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    _launch(_gated_worker, tmp_path, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"gated{r}.pt", weights_only=False) for r in range(WORLD))
     for k, v in r0["state"].items():
         assert torch.equal(v, r1["state"][k]), k
@@ -378,13 +365,7 @@ def _harness_worker(rank: int, tmp: Path) -> None:
 
 def test_harness_shards_training_and_evaluation_like_one_process(tmp_path: Path) -> None:
     ref = _harness_run()
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_harness_worker, args=(r, tmp_path)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    _launch(_harness_worker, tmp_path, timeout=180)
     r0, r1 = (torch.load(tmp_path / f"h{r}.pt", weights_only=False) for r in range(WORLD))
     for key in ("eval", "single", "upgrad"):  # the whole test set's numbers on every rank ...
         assert r0[key] == r1[key], key
