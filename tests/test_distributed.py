@@ -94,33 +94,38 @@ def _next_loss(tr: Trainer, batch: Any) -> float:
 
 
 def _worker(rank: int, tmp: Path) -> None:
-    torch.set_num_threads(1)
+    mine = [shard(b) for b in _batches()]
+    out: dict[str, Any] = {}
+    tr = _trainer("drmgf-step", seed=10 + rank)  # different weights: broadcast fixes them
+    out["step_losses"] = _run(tr, mine, 3)
+    out["step_state"] = _state(tr)
+    tr.save_checkpoint(str(tmp / "from2.ckpt"))  # rank 0 writes, everyone waits
+    out["next_loss"] = _next_loss(tr, mine[3])
+    tr = _trainer("drmgf", seed=20 + rank)
+    tr.fit_epoch(mine, LOSSES)  # 2 cycles of 2 batches: 2 fusion stages
+    out["drmgf_state"] = _state(tr)
+    tr = _trainer("drmgf-step", seed=30 + rank)
+    tr.load_checkpoint(str(tmp / "from1.ckpt"))  # written by one process
+    out["resumed_next_loss"] = _next_loss(tr, mine[3])
+    out["bytes"] = tr.comm.bytes
+    torch.save(out, tmp / f"rank{rank}.pt")
+
+
+def _in_group(target: Any, rank: int, tmp: Path) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'pg'}", rank=rank,
                             world_size=WORLD)
     try:
-        mine = [shard(b) for b in _batches()]
-        out: dict[str, Any] = {}
-        tr = _trainer("drmgf-step", seed=10 + rank)  # different weights: broadcast fixes them
-        out["step_losses"] = _run(tr, mine, 3)
-        out["step_state"] = _state(tr)
-        tr.save_checkpoint(str(tmp / "from2.ckpt"))  # rank 0 writes, everyone waits
-        out["next_loss"] = _next_loss(tr, mine[3])
-        tr = _trainer("drmgf", seed=20 + rank)
-        tr.fit_epoch(mine, LOSSES)  # 2 cycles of 2 batches: 2 fusion stages
-        out["drmgf_state"] = _state(tr)
-        tr = _trainer("drmgf-step", seed=30 + rank)
-        tr.load_checkpoint(str(tmp / "from1.ckpt"))  # written by one process
-        out["resumed_next_loss"] = _next_loss(tr, mine[3])
-        out["bytes"] = tr.comm.bytes
-        torch.save(out, tmp / f"rank{rank}.pt")
+        target(rank, tmp)
     finally:
         dist.destroy_process_group()
 
 
 def _launch(target: Any, tmp: Path, timeout: float) -> None:
-    """Run ``target(rank, tmp)`` in WORLD forked processes; every one must exit cleanly."""
+    """Run ``target(rank, tmp)`` in WORLD forked processes joined in one gloo process group;
+    every one must exit cleanly."""
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=target, args=(r, tmp)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_in_group, args=(target, r, tmp)) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -181,19 +186,13 @@ STEPS = 4
 
 
 def _nonlinear_worker(rank: int, tmp: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp / 'pg'}", rank=rank,
-                            world_size=WORLD)
-    try:
-        mine = [shard(b) for b in _batches()]
-        out: dict[str, Any] = {}
-        for method in NONLINEAR:
-            tr = _trainer(method, seed=50 + rank)  # different weights: broadcast fixes them
-            out[method] = {"losses": _run(tr, mine, STEPS), "state": _state(tr),
-                           "bytes": dict(tr.comm.by_kind), "method": tr.method.state_dict()}
-        torch.save(out, tmp / f"nl{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    mine = [shard(b) for b in _batches()]
+    out: dict[str, Any] = {}
+    for method in NONLINEAR:
+        tr = _trainer(method, seed=50 + rank)  # different weights: broadcast fixes them
+        out[method] = {"losses": _run(tr, mine, STEPS), "state": _state(tr),
+                       "bytes": dict(tr.comm.by_kind), "method": tr.method.state_dict()}
+    torch.save(out, tmp / f"nl{rank}.pt")
 
 
 def test_nonlinear_methods_under_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
@@ -234,27 +233,17 @@ def test_nonlinear_methods_under_two_gloo_processes_equal_one_process(tmp_path: 
 
 
 def _refusal_worker(rank: int, tmp: Path) -> None:
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
-    dist.init_process_group("gloo", init_method=f"file://{tmp / 'pg'}", rank=rank,
-                            world_size=WORLD)
     from routesurgeon.methods.baselines import PCGrad
     from routesurgeon.methods.registry import register_method
 
     # a user's method that does not say how its gradient is synchronised (forked child only)
     register_method("undeclared")(type("Undeclared", (PCGrad,), {"data_parallel": None}))
-    msgs = []
-    try:
-        for method, config in (("undeclared", {}),):
-            try:
-                torch.manual_seed(0)
-                s = rs.instrument(NoBN().train(), torch.randn(2, 3, 6, 6))
-                Trainer(s, torch.optim.SGD(s.model_parameters(), lr=LR), method=method,
-                        config=config, progress=False)
-            except NotImplementedError as e:
-                msgs.append(str(e))
-        (tmp / f"msg{rank}").write_text("\n".join(msgs))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    s = rs.instrument(NoBN().train(), torch.randn(2, 3, 6, 6))
+    with pytest.raises(NotImplementedError) as e:
+        Trainer(s, torch.optim.SGD(s.model_parameters(), lr=LR), method="undeclared",
+                progress=False)
+    (tmp / f"msg{rank}").write_text(str(e.value))
 
 
 def test_unsynchronisable_methods_are_refused_under_a_process_group(tmp_path: Path) -> None:
@@ -273,16 +262,10 @@ def _gated_trainer(seed: int) -> Trainer:
 
 
 def _gated_worker(rank: int, tmp: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp / 'pg'}", rank=rank,
-                            world_size=WORLD)
-    try:
-        tr = _gated_trainer(seed=70 + rank)  # different weights: broadcast fixes them
-        losses = _run(tr, [shard(b) for b in _batches()], STEPS)
-        torch.save({"losses": losses, "state": _state(tr), "bytes": dict(tr.comm.by_kind)},
-                   tmp / f"gated{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    tr = _gated_trainer(seed=70 + rank)  # different weights: broadcast fixes them
+    losses = _run(tr, [shard(b) for b in _batches()], STEPS)
+    torch.save({"losses": losses, "state": _state(tr), "bytes": dict(tr.comm.by_kind)},
+               tmp / f"gated{rank}.pt")
 
 
 def test_gated_importance_under_two_gloo_processes_equals_one_process(tmp_path: Path) -> None:
@@ -354,13 +337,7 @@ def _harness_run() -> dict[str, Any]:
 
 
 def _harness_worker(rank: int, tmp: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp / 'pg'}", rank=rank,
-                            world_size=WORLD)
-    try:
-        torch.save(_harness_run(), tmp / f"h{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.save(_harness_run(), tmp / f"h{rank}.pt")
 
 
 def test_harness_shards_training_and_evaluation_like_one_process(tmp_path: Path) -> None:
