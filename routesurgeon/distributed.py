@@ -42,9 +42,6 @@ __all__ = [
 
 SYNC_MODES = ("gradients", "jacobian")
 
-# Methods whose classes do not declare ``data_parallel`` themselves; linear in the per-task
-# gradients (see docs/distributed.md).
-_DECLARED_HERE = {"drmgf": "gradients"}
 
 
 def sync_mode(method: Any) -> str | None:
@@ -53,8 +50,6 @@ def sync_mode(method: Any) -> str | None:
     ``None`` (unknown: the trainer refuses it under a process group). A method declares it with a
     ``data_parallel`` class attribute."""
     mode = getattr(method, "data_parallel", None)
-    if mode is None:
-        mode = _DECLARED_HERE.get(getattr(method, "name", ""))
     if mode is not None and mode not in SYNC_MODES:
         raise ValueError(f"{type(method).__name__}.data_parallel is {mode!r}; use one of "
                          f"{SYNC_MODES} (or None to refuse process groups)")

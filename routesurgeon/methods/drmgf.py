@@ -58,6 +58,9 @@ class DRMGF:
     """Per-cycle disentanglement and meta-weighted fusion (a per-epoch method)."""
 
     name = "drmgf"
+    #: under a process group the trainer averages the model gradients of each disentanglement
+    #: step and the S gradients of each fusion step: linear in the per-sample gradients
+    data_parallel = "gradients"
 
     def __init__(self, context: Any, **config: Any) -> None:
         self.cfg = DRMGFConfig(**config)

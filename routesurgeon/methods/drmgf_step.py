@@ -467,15 +467,14 @@ class DRMGFStep(GradientMethod):
                 task_losses = recompute()
             total = task_losses[t] + self.cfg.alpha * sum(
                 v for k, v in task_losses.items() if k != t)
+            grads = torch.autograd.grad(total, a_params, allow_unused=True)
+            # under a process group, one all-reduce: the global batch's gradient of A is the
+            # mean of the ranks' (the losses are means over equal shares; every rank leaves the
+            # same A unused), and the loss rides along so all ranks take the same skip decision
             loss = total.detach().reshape(1).clone()
-            if self.distributed:  # every rank takes the same finiteness decision
-                self.reduce_mean([loss])
+            self.reduce_mean([loss, *(g for g in grads if g is not None)])
             if not torch.isfinite(loss).all():
                 continue
-            grads = torch.autograd.grad(total, a_params, allow_unused=True)
-            # under a process group: the global batch's gradient of A is the mean of the ranks'
-            # (the losses are means over equal shares); every rank leaves the same A unused
-            self.reduce_mean([g for g in grads if g is not None])
             for p, g in zip(a_params, grads):
                 p.grad = g
             self._imp_opt.step()
