@@ -69,6 +69,11 @@ class RunConfig:
     # the first route method, else the first method)
 
 
+#: The budgets of docs/results.md for the image recipes (1 and 2), every method and three seeds:
+#: ``full`` 3 epochs (192 optimiser steps on 2048 images), ``small`` 2 epochs (64 steps on 1024).
+FULL_RUN = RunConfig(epochs=3, batch_size=32, seeds=(0, 1, 2))
+SMALL_RUN = RunConfig(epochs=2, batch_size=32, seeds=(0, 1, 2))
+
 @dataclass(frozen=True)
 class Metric:
     """A test metric accumulated over batches: ``stats(out, target)`` returns an array summed
