@@ -128,14 +128,23 @@ def test_fused_gradient_matches_explicit_dominance_weighting(net: nn.Module,
     torch.testing.assert_close(got["dense.weight"], explicit["d"]["dense.weight"])
 
 
-def test_fusion_matches_explicit_displacement_formula(net: nn.Module, x: torch.Tensor) -> None:
-    s = rs.instrument(net.train(), x)
-    method = DRMGF(s)
+def _random_displacements(s: rs.Surgeon) -> tuple[dict[str, torch.Tensor],
+                                                   dict[str, dict[str, torch.Tensor]],
+                                                   dict[str, set[str]]]:
+    """theta0 (the model's parameters), a random displacement per task of every parameter the
+    task reaches, and which tasks reach each parameter."""
     params = dict(s.model.named_parameters())
     theta0 = {n: p.detach().clone() for n, p in params.items()}
     tasks_of = s.param_tasks()
     deltas = {t: {n: torch.randn_like(p) for n, p in params.items() if t in tasks_of[n]}
               for t in s.tasks}
+    return theta0, deltas, tasks_of
+
+
+def test_fusion_matches_explicit_displacement_formula(net: nn.Module, x: torch.Tensor) -> None:
+    s = rs.instrument(net.train(), x)
+    method = DRMGF(s)
+    theta0, deltas, tasks_of = _random_displacements(s)
     with torch.no_grad():
         for p in s.importance_parameters() + s.scale_parameters():
             p.uniform_(0.1, 1.0)
@@ -381,11 +390,7 @@ def test_fusion_matches_explicit_displacements_for_every_group_kind() -> None:
     s = _group_surgeon("connection")
     _randomise_importance(s)
     method = DRMGF(s)
-    params = dict(s.model.named_parameters())
-    theta0 = {n: p.detach().clone() for n, p in params.items()}
-    tasks_of = s.param_tasks()
-    deltas = {t: {n: torch.randn_like(p) for n, p in params.items() if t in tasks_of[n]}
-              for t in s.tasks}
+    theta0, deltas, tasks_of = _random_displacements(s)
     fused = method.fused(theta0, deltas)
     bank = s.importance_bank
     for w in SHARED:  # pi_t = |A_t| / sum_inputs |A_t| * |S_t| per connection
