@@ -104,7 +104,7 @@ def _task_outputs(b: Any, out: Any) -> dict[str, torch.Tensor]:
 
 def _measure(kind: str, world: int, args: argparse.Namespace) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context("spawn")  # fresh interpreters: fork after autograd is unsafe
         out = str(Path(tmp) / "out")
         procs = [ctx.Process(target=_worker, args=(r, world, kind, args, str(Path(tmp) / "pg"),
                                                    out)) for r in range(world)]

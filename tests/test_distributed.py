@@ -4,7 +4,7 @@ The model has no BatchNorm: with BN in train mode each rank normalises by its ow
 batch, which is not the global batch (use SyncBatchNorm before instrumenting, or eval-mode BN).
 Ranks start from *different* random weights: the Trainer's broadcast from rank 0 must fix that.
 Every method is covered: the linear ones average gradients, the aggregators their Jacobian. The
-recipes' harness is tested under a forked process group and end to end under ``torchrun``.
+recipes' harness is tested under a spawned process group and end to end under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _worker(rank: int, tmp: Path) -> None:
 
 
 def _in_group(target: Any, rank: int, tmp: Path) -> None:
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+    torch.set_num_threads(1)  # two ranks share the two cores
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'pg'}", rank=rank,
                             world_size=WORLD)
     try:
@@ -122,9 +122,11 @@ def _in_group(target: Any, rank: int, tmp: Path) -> None:
 
 
 def _launch(target: Any, tmp: Path, timeout: float) -> None:
-    """Run ``target(rank, tmp)`` in WORLD forked processes joined in one gloo process group;
-    every one must exit cleanly."""
-    ctx = mp.get_context("fork")
+    """Run ``target(rank, tmp)`` in WORLD fresh (spawned) processes joined in one gloo process
+    group; every one must exit cleanly. Not forked: a parent whose autograd engine has started
+    its device threads (any earlier backward in this pytest worker may have) cannot fork a child
+    that runs backward."""
+    ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_in_group, args=(target, r, tmp)) for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -236,7 +238,7 @@ def _refusal_worker(rank: int, tmp: Path) -> None:
     from routesurgeon.methods.baselines import PCGrad
     from routesurgeon.methods.registry import register_method
 
-    # a user's method that does not say how its gradient is synchronised (forked child only)
+    # a user's method that does not say how its gradient is synchronised (spawned child only)
     register_method("undeclared")(type("Undeclared", (PCGrad,), {"data_parallel": None}))
     torch.manual_seed(0)
     s = rs.instrument(NoBN().train(), torch.randn(2, 3, 6, 6))
