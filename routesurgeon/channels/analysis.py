@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch.fx as fx
 
-from routesurgeon.channels.rules import opaque, rule_for
+from routesurgeon.channels.registry import opaque, rule_for
 from routesurgeon.channels.state import AnalysisState, Space
 from routesurgeon.outputs import OutputSpec
 

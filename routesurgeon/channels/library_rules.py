@@ -9,15 +9,9 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from routesurgeon.channels.rules import (
-    _MODULE_RULES,
-    _batchnorm_module,
-    _conv_module,
-    identity,
-    opaque,
-    register_channel_rule,
-    spatial,
-)
+from routesurgeon.channels.axis_rules import spatial
+from routesurgeon.channels.layer_rules import _batchnorm_module, _conv_module
+from routesurgeon.channels.registry import _MODULE_RULES, identity, opaque, register_channel_rule
 from routesurgeon.channels.state import AnalysisState
 
 
