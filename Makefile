@@ -26,6 +26,7 @@ demo: venv
 
 test: venv browser
 	$(BIN)/ruff check routesurgeon tests benchmarks recipes
+	$(BIN)/mypy routesurgeon
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 test-fast: venv

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -185,9 +185,11 @@ def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
             else:
                 new._buffers[leaf] = t
         if grouped:
-            new.out_channels = new.weight.shape[0]
-            new.groups = new.weight.shape[0] // (src.out_channels // src.groups)
-            new.in_channels = new.groups * (src.in_channels // src.groups)
+            conv = cast(nn.modules.conv._ConvNd, src)
+            new_conv = cast(nn.modules.conv._ConvNd, new)
+            new_conv.out_channels = new_conv.weight.shape[0]
+            new_conv.groups = new_conv.weight.shape[0] // (conv.out_channels // conv.groups)
+            new_conv.in_channels = new_conv.groups * (conv.in_channels // conv.groups)
         else:
             _fix_module_attributes(new)
         overrides[mod_path] = new
@@ -204,7 +206,7 @@ def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
         if old not in env:
             continue
         new_node = env[old]
-        src_space = st.spaces.get(old.args[0])
+        src_space = st.spaces.get(cast(fx.Node, old.args[0]))
         if not isinstance(src_space, Space):
             continue
         keep = _keep(groups, mask.pruned, src_space.ids)

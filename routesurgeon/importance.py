@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -218,18 +218,19 @@ def _gated_layer(module: nn.Module, gate_: Tensor, x: Tensor, ratio: float) -> T
     kernels). An empty gate (the task does not reach the layer): plain."""
     if not gate_.numel():
         return module(x)
-    w = module.weight
+    w = cast(Tensor, module.weight)
     if isinstance(module, nn.Linear):
         conv = None
         out_numel = x.numel() // max(w.shape[1], 1) * w.shape[0]
     else:
-        conv = (list(module.stride), list(module.padding), list(module.dilation), module.groups)
+        c = cast(nn.modules.conv._ConvNd, module)
+        conv = (list(c.stride), list(c.padding), list(c.dilation), c.groups)
         out_numel = _conv_out_numel(x, w, conv)
     if out_numel > ratio * w.numel():
         wg = _GatedKernel.apply(w, gate_.reshape(-1, *([1] * (w.dim() - 1))),
                                 tuple(range(1, w.dim())))
         if conv is None:
-            return torch.nn.functional.linear(x, wg, module.bias)
+            return torch.nn.functional.linear(x, wg, cast("Tensor | None", module.bias))
         return module._conv_forward(x, wg, module.bias)  # type: ignore[operator]
     unbatched = conv is not None and x.dim() == w.dim() - 1
     y = _ActivationGated.apply(x.unsqueeze(0) if unbatched else x, w, module.bias, gate_, conv)
@@ -309,10 +310,10 @@ class ImportanceBank(nn.Module):
                 self.A[_key(name, t)] = nn.Parameter(init.clone())
                 self.S[_key(name, t)] = nn.Parameter(torch.full_like(init, cfg.s0))
         for name in self.norm_names:
-            n = norms[name].shape[0]
+            size = norms[name].shape[0]
             for t in self.norm_tasks[name]:
-                self.S[_key(name, t)] = nn.Parameter(torch.full((n,), cfg.s0))
-                self.S[_key(_bias_of(name), t)] = nn.Parameter(torch.full((n,), cfg.s0))
+                self.S[_key(name, t)] = nn.Parameter(torch.full((size,), cfg.s0))
+                self.S[_key(_bias_of(name), t)] = nn.Parameter(torch.full((size,), cfg.s0))
 
     # -- accessors -----------------------------------------------------------------------------
     def a(self, name: str) -> list[Tensor]:

@@ -39,6 +39,13 @@ class Surgeon(nn.Module):
     traced graph, so it returns exactly what the model returns and trains the same parameters.
     """
 
+    # Set with ``object.__setattr__`` in ``__init__`` (not registered as submodules).
+    traced: TraceResult
+    outputs: OutputSpec
+    _reach: dict[fx.Node, int]
+    channel_groups: ChannelGroups
+    _active_task: str | None
+
     def __init__(
         self,
         model: nn.Module,

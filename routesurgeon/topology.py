@@ -156,7 +156,7 @@ class Topology:
             scope = next(reversed(stack.values()))[0] if stack else ""
             module = str(n.target) if n.op == "call_module" else scope
             shape = shape_of(n)
-            space = groups.spaces.get(n) if groups is not None else None
+            space: Any = groups.spaces.get(n) if groups is not None else None
             out_channels = (
                 len(space.ids) if hasattr(space, "ids")
                 else (shape[1] if shape and len(shape) > 1 else None)

@@ -35,10 +35,10 @@ import inspect
 import operator
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import CodeType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -124,7 +124,7 @@ def _library_fixes(model: nn.Module) -> Iterator[None]:
         # smp: SegmentationModel.check_input_shape raises from Python on the input size
         if hasattr(type(m), "check_input_shape") and hasattr(m, "requires_divisible_input_shape"):
             changed.append((m, "requires_divisible_input_shape", m.requires_divisible_input_shape))
-            m.requires_divisible_input_shape = False
+            cast(Any, m).requires_divisible_input_shape = False
     try:
         yield
     finally:
@@ -326,7 +326,7 @@ class RouteTracer(fx.Tracer):
         self,
         leaf_types: Sequence[type] = (),
         leaf_paths: Sequence[str] = (),
-        autowrap: Sequence[Callable[..., Any]] = (),
+        autowrap: Collection[Callable[..., Any]] = (),
         concrete: dict[str, Any] | None = None,
         open_paths: frozenset[str] = frozenset(),
     ) -> None:
@@ -506,7 +506,7 @@ class RouteTracer(fx.Tracer):
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         value = self._specialize("iter", obj)
-        return iter([obj[i] for i in range(len(value))])
+        return iter([obj[i] for i in range(len(value))])  # type: ignore[index]
 
 
 def _torch_nn_type(m: nn.Module) -> bool:
@@ -559,6 +559,7 @@ def _reads_batch_dim(node: fx.Node, what: str, value: Any) -> bool:
     """Whether a specialised value may depend on the batch size (then full shapes are guarded)."""
     if what in ("len", "iter") and isinstance(value, torch.Tensor):
         return True
+    seen: set[fx.Node]
     seen, todo = set(), [node]
     while todo and len(seen) < 64:
         n = todo.pop()
@@ -639,7 +640,7 @@ def _install_concrete_dunders() -> None:
         ("__float__", "float", float),
     ]:
         if not getattr(fx.Proxy, "_rs_" + dunder, False):
-            setattr(fx.Proxy, dunder, make(what, conv))
+            setattr(fx.Proxy, dunder, make(what, cast("Callable[[Any], Any]", conv)))
             setattr(fx.Proxy, "_rs_" + dunder, True)
 
 
@@ -679,7 +680,7 @@ def _trace_once(
     bound: dict[str, Any],
     leaf_types: Sequence[type],
     leaf_paths: Sequence[str],
-    autowrap: Sequence[Callable[..., Any]],
+    autowrap: Collection[Callable[..., Any]],
     concrete: bool,
     open_paths: frozenset[str] = frozenset(),
 ) -> tuple[fx.Graph, RouteTracer]:
@@ -728,7 +729,7 @@ def _trace_mode(
     bound: dict[str, Any],
     leaf_types: Sequence[type],
     user_leaves: Sequence[str],
-    autowrap: Sequence[Callable[..., Any]],
+    autowrap: Collection[Callable[..., Any]],
     auto_leaf: bool,
     attempts: list[str],
     open_paths: frozenset[str] = frozenset(),
@@ -841,7 +842,8 @@ def trace(
         name for name, m in model.named_modules()
         if name and lib_tuple and isinstance(m, lib_tuple)
         and not (user_tuple and isinstance(m, user_tuple))
-        and any(isinstance(sub, layer_types) for sub in m.modules() if sub is not m)
+        and any(isinstance(sub, layer_types)
+                for sub in cast(nn.Module, m).modules() if sub is not m)
     )  # a leaf that *is* a conv (timm's Conv2dSame) is already visible as one layer
     attempts: list[str] = []
     # Eval mode first (it neither draws random numbers nor updates running statistics while

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -130,12 +130,13 @@ def _timm(name: str, features_only: bool, heads: int, num_classes: int,
     if features_only:
         model = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
         size = input_size or _timm_size(model)
-        n = len(model.feature_info.channels())  # the selected stages (out_indices), not all
+        # the selected stages (out_indices), not all
+        n = len(cast(Any, model.feature_info).channels())
         return BuiltModel(f"timm:{name}", model.eval(), _input(size),
                           [f"stage{i}" for i in range(n)])
     backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     # models with a conv head after pooling (mobilenetv3, ghostnet, lcnet) return that width
-    width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    width = getattr(backbone, "head_hidden_size", None) or cast(int, backbone.num_features)
     names = ["cls", "aux", *(f"head{i}" for i in range(2, heads))][:heads]
     model = MultiHead(backbone, {n: nn.Linear(width, num_classes) for n in names})
     size = input_size or _timm_size(backbone)

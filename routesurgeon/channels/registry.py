@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -119,6 +120,7 @@ def _fix_out(st: AnalysisState, node: fx.Node, s: Space, why: str) -> None:
 
 
 def _param_shape(st: AnalysisState, path: str) -> tuple[int, ...] | None:
+    t: torch.Tensor
     try:
         t = st.gm.get_parameter(path)
     except AttributeError:

@@ -4,7 +4,7 @@ transpose, unsqueeze, squeeze.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from routesurgeon.channels.registry import (
 )
 from routesurgeon.channels.state import AnalysisState, Space
 from routesurgeon.shapes import shape_of
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +66,7 @@ def _merge_groups(
 def reshape(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     src = node.args[0]
     s = st.space(src)
-    ins, outs = shape_of(src), shape_of(node)
+    ins, outs = shape_of(cast(fx.Node, src)), shape_of(node)
     if node in st.pending:  # the end of a channel shuffle recognised at its first view
         st.spaces[node] = st.pending.pop(node)
         return
@@ -105,11 +108,11 @@ def _is_flatten(node: fx.Node) -> bool:
 
 def _sizes(node: fx.Node) -> list[Any]:
     """The target sizes of a view/reshape node, as written in the graph."""
-    sizes = list(node.args[1:])
+    sizes: list[Any] = list(node.args[1:])
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
         sizes = list(sizes[0])
     if "shape" in node.kwargs:
-        sizes = list(node.kwargs["shape"])
+        sizes = list(cast("Sequence[Any]", node.kwargs["shape"]))
     return sizes
 
 
@@ -178,7 +181,8 @@ def _swaps(t: fx.Node, a: int, rank: int) -> bool:
         return all(isinstance(x, int) for x in d) and sorted(
             _norm_axis(x, rank) for x in d) == [a, a + 1]
     if (t.op == "call_method" and t.target == "permute") or t.target is torch.permute:
-        dims = _sizes(t) if "dims" not in t.kwargs else list(t.kwargs["dims"])
+        dims = _sizes(t) if "dims" not in t.kwargs else list(
+            cast("Sequence[Any]", t.kwargs["dims"]))
         want = list(range(rank))
         want[a], want[a + 1] = a + 1, a
         return [_norm_axis(x, rank) if isinstance(x, int) else None for x in dims] == want
@@ -197,11 +201,11 @@ def _permute(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     if s is None or rank is None:
         st.spaces[node] = None
         return
-    dims = list(node.args[1:])
+    dims: list[Any] = list(node.args[1:])
     if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
         dims = list(dims[0])
     if "dims" in node.kwargs:
-        dims = list(node.kwargs["dims"])
+        dims = list(cast("Sequence[Any]", node.kwargs["dims"]))
     if not all(isinstance(d, int) for d in dims):
         return _fix_out(st, node, s, "permute with traced dims")
     dims = [_norm_axis(d, rank) for d in dims]
@@ -237,7 +241,7 @@ def _unsqueeze(st: AnalysisState, node: fx.Node, *_: Any) -> None:
 def _squeeze(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     src = node.args[0]
     s = st.space(src)
-    ins, out = shape_of(src), shape_of(node)
+    ins, out = shape_of(cast(fx.Node, src)), shape_of(node)
     if s is None or ins is None or out is None:
         st.spaces[node] = None
         return

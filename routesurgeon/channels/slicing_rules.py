@@ -116,7 +116,7 @@ def _getitem(st: AnalysisState, node: fx.Node, *_: Any) -> None:
             continue
         if in_dim == s.axis:
             if isinstance(it, slice) and it.step in (None, 1):
-                start, stop, _ = it.indices(len(s))
+                start, stop, _step = it.indices(len(s))
                 if (start, stop) != (0, len(s)):
                     st.rewrites[node] = ("slice", (in_dim, start, stop))
                 new_axis = (out_dim, s.ids[start:stop])

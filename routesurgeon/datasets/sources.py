@@ -47,8 +47,8 @@ def _fetch_fashion(dest: Path) -> None:
     except (OSError, StopIteration, subprocess.SubprocessError) as debian_error:
         first = debian_error
     try:  # the dataset's canonical source
-        for f in FASHION_MNIST.files:
-            urllib.request.urlretrieve(_FASHION_URL + f, dest / f)
+        for name in FASHION_MNIST.files:
+            urllib.request.urlretrieve(_FASHION_URL + name, dest / name)
     except OSError as e:
         raise OSError(f"apt-get download failed ({first}); {_FASHION_URL} failed ({e})") from e
 

@@ -20,7 +20,7 @@ and the aggregators average their per-task gradient matrix over ranks before agg
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -30,6 +30,9 @@ from routesurgeon.branches import on_branch_edges
 from routesurgeon.methods.base import GradientMethod, stack_losses
 from routesurgeon.methods.registry import register_method
 from routesurgeon.topology import node_reach
+
+if TYPE_CHECKING:
+    import torchjd.scalarization
 
 __all__ = [
     "AggregatorMethod",
@@ -106,6 +109,8 @@ class Famo(ScalarizerMethod):
     coefficients (and the logits' update) use the losses averaged over ranks, while the gradient
     flows through this rank's losses; the trainer then averages the gradients as for ``equal``.
     """
+
+    scalarizer: torchjd.scalarization.FAMO
 
     def __init__(self, context: Any, lr: float = 0.025, weight_decay: float = 1e-3) -> None:
         self.lr, self.weight_decay = lr, weight_decay

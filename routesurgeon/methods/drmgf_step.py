@@ -36,7 +36,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -414,7 +414,7 @@ class DRMGFStep(GradientMethod):
             off = len(y_idx)
             for k, g in enumerate(grads[off: off + len(cut)]):
                 if g is not None:
-                    cut_grads[k] = g if cut_grads[k] is None else cut_grads[k] + g
+                    cut_grads[k] = g if cut_grads[k] is None else cast(Tensor, cut_grads[k]) + g
             for n, g in zip(pnames, grads[off + len(cut):]):
                 if g is not None:
                     p = self.params[n]
