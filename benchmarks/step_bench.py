@@ -177,9 +177,11 @@ def _floor_parts(s: rs.Surgeon, clock: Callable[[], float], rounds: int) -> dict
     doms = [torch.rand(len(d), w.shape[0], requires_grad=True) for w, d in zip(ws, deltas,
                                                                               strict=True)]
     outs = [w.clone() for w in ws]
-    opt = torch.optim.SGD([nn.Parameter(w.clone()) for w in ws], lr=1e-4)
-    for p, g in zip(opt.param_groups[0]["params"], grads, strict=True):
-        p.grad = g.clone()
+    # the step the S pass skips: the plain step's optimiser over every model parameter
+    opt = torch.optim.SGD([nn.Parameter(p.detach().clone()) for p in s.model_parameters()],
+                          lr=1e-4)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
 
     def gated_extra() -> None:
         for w, g, c in zip(ws, grads, coefs, strict=True):
