@@ -14,7 +14,7 @@ from torch import nn
 
 from routesurgeon.channels.registry import (
     _arg,
-    _describe,
+    _fix_out,
     _norm_axis,
     _rank,
     identity,
@@ -31,10 +31,7 @@ from routesurgeon.shapes import shape_of
 def spatial(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     s = st.space(node.args[0] if node.args else node.kwargs.get("input"))
     if s is not None and s.axis != 1:
-        st.fix(s.ids, f"spatial op over the channel axis: {_describe(node)}")
-        st.consume(node, s.ids)
-        st.spaces[node] = None
-        return
+        return _fix_out(st, node, s, "spatial op over the channel axis")
     identity(st, node)
 
 
@@ -62,10 +59,7 @@ def _pad(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     if s is not None and rank is not None and isinstance(pad, (list, tuple)):
         touched = range(rank - len(pad) // 2, rank)
         if s.axis in touched:
-            st.fix(s.ids, f"padding along the channel axis: {_describe(node)}")
-            st.consume(node, s.ids)
-            st.spaces[node] = None
-            return
+            return _fix_out(st, node, s, "padding along the channel axis")
         identity(st, node)
         return
     opaque(st, node)
@@ -91,10 +85,7 @@ def reduction(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     else:
         dims = [_norm_axis(d, rank) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
     if not all(isinstance(d, int) for d in dims) or s.axis in dims:
-        st.fix(s.ids, f"reduction over the channel axis: {_describe(node)}")
-        st.consume(node, s.ids)
-        st.spaces[node] = None
-        return
+        return _fix_out(st, node, s, "reduction over the channel axis")
     axis = s.axis if keepdim else s.axis - sum(d < s.axis for d in dims)
     out = shape_of(node)
     if out is None or out[axis] != len(s):
@@ -115,10 +106,7 @@ def _softmax(st: AnalysisState, node: fx.Node, *_: Any) -> None:
     dim = _arg(node, 1, "dim")
     if s is not None and rank is not None and isinstance(dim, int):
         if _norm_axis(dim, rank) == s.axis:
-            st.fix(s.ids, f"softmax over channels: {_describe(node)}")
-            st.consume(node, s.ids)
-            st.spaces[node] = None
-            return
+            return _fix_out(st, node, s, "softmax over channels")
         identity(st, node)
         return
     opaque(st, node)
