@@ -267,17 +267,20 @@ def _unbroadcast(x: Tensor, like: Tensor) -> Tensor:
     return x.sum(dim=dims, keepdim=True)
 
 
+def importance_share(a: Tensor) -> Tensor:
+    """``|A| / sum_inputs |A|``: the A factor of pi in the dominance (over the layer's filters at
+    filter granularity, where A has no input axis)."""
+    mag = a.abs()
+    denom = mag.sum(dim=-1, keepdim=True) if a.dim() >= 1 else mag
+    return mag / denom.clamp_min(1e-12)
+
+
 def dominance(importances: Sequence[Tensor], scales: Sequence[Tensor]) -> Tensor:
     """D_t = pi_t / sum_j pi_j with pi_t = (|A_t| / sum_inputs |A_t|) * |S_t|; shape [T, ...].
 
     With no input axis (filter granularity) the normalisation runs over the layer's filters.
     """
-    pis = []
-    for a, s in zip(importances, scales):
-        mag = a.abs()
-        denom = mag.sum(dim=-1, keepdim=True) if a.dim() >= 1 else mag
-        pis.append(mag / denom.clamp_min(1e-12) * s.abs())
-    pi = torch.stack(pis)
+    pi = torch.stack([importance_share(a) * s.abs() for a, s in zip(importances, scales)])
     return pi / pi.sum(dim=0, keepdim=True).clamp_min(1e-30)
 
 
@@ -347,11 +350,9 @@ class ImportanceBank(nn.Module):
             if task not in tasks or name not in params:
                 continue
             w = params[name]
-            g = gate(self.a(name), tasks.index(task), self.cfg)
-            g = g.reshape(*g.shape, *([1] * (w.dim() - g.dim())))
-            dims = _norm_dims(w, self.cfg.granularity)
-            n = w.abs() if not dims else torch.linalg.vector_norm(w, dim=dims, keepdim=True)
-            w.mul_(g / n.clamp_min(_EPS))
+            scale = (gate(self.a(name), tasks.index(task), self.cfg)
+                     / slice_norms(w, self.cfg.granularity).clamp_min(_EPS))
+            w.mul_(scale.reshape(*scale.shape, *([1] * (w.dim() - scale.dim()))))
 
     def gated_call(self, gm: fx.GraphModule, params: Mapping[str, Tensor], task: str,
                    args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> Any:
@@ -411,8 +412,7 @@ class ImportanceBank(nn.Module):
             return {}
         flat = torch.cat([self.A[k].reshape(-1) for k in keys])
         dev = flat.device
-        mag = flat.abs()
-        p = mag / (1.0 + self.cfg.beta * mag) ** self.cfg.gamma
+        p = lrn(flat, self.cfg.beta, self.cfg.gamma)  # 1-D: each filter by its own magnitude
         summed = torch.zeros(total, dtype=p.dtype, device=dev).index_add(0, pos.to(dev), p)
         own = p.index_select(0, own_sel.to(dev))
         g = (self.cfg.rho * own + (summed.index_select(0, own_pos.to(dev)) - own)) / denom.to(

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import routesurgeon as rs
+import routesurgeon.methods.drmgf as drmgf_module
 from routesurgeon import importance
 from routesurgeon.importance import RouteConfig, gate, gated_weight
 from routesurgeon.methods.drmgf import DRMGF, _Mix
@@ -50,10 +51,14 @@ def test_gated_kernel_matches_autograd_reference(granularity: str, shape: tuple[
     assert torch.autograd.gradcheck(lambda w_, *a_: gated_weight(w_, a_, 0, cfg), (w2, *a))
 
 
+@pytest.mark.parametrize("block", [None, 40])  # 40 elements: the S gradient in several row blocks
 @pytest.mark.parametrize("shape,d_shape", [((6, 4, 3, 3), (6,)), ((6, 4, 3, 3), (6, 4)),
                                            ((5, 7), (5, 7)), ((8,), (8,))])
-def test_fusion_contraction_matches_explicit_sum(shape: tuple[int, ...], d_shape: tuple[int, ...]
-                                                 ) -> None:
+def test_fusion_contraction_matches_explicit_sum(shape: tuple[int, ...], d_shape: tuple[int, ...],
+                                                 block: int | None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if block is not None:
+        monkeypatch.setattr(drmgf_module, "_BLOCK", block)
     gen = torch.Generator().manual_seed(1)
     p0 = torch.randn(*shape, generator=gen, dtype=torch.double)
     parts = [torch.randn(*shape, generator=gen, dtype=torch.double) for _ in range(3)]

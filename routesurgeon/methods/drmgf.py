@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from routesurgeon.errors import LossError
 from routesurgeon.guards import check_call_inputs, shape_error
-from routesurgeon.importance import dominance
+from routesurgeon.importance import dominance, importance_share
 from routesurgeon.methods.registry import register_method
 
 __all__ = ["DRMGF", "DRMGFConfig"]
@@ -349,11 +349,10 @@ class DRMGF:
             for members in groups.values():
                 factors = []
                 for n in members:
-                    amps = ([a.detach().abs() for a in bank.a(n)] if n in bank.tasks_of
+                    amps = ([a.detach() for a in bank.a(n)] if n in bank.tasks_of
                             else [torch.ones_like(sc) for sc in bank.s(n)])
-                    factors.append(torch.stack([
-                        (m / (m.sum(dim=-1, keepdim=True) if m.dim() >= 1 else m)
-                         .clamp_min(1e-12)).reshape(-1) for m in amps]))
+                    factors.append(torch.stack([importance_share(m).reshape(-1)
+                                                for m in amps]))
                 plans.append((members, torch.cat(factors, 1),
                               [f.shape[1] for f in factors]))
 
@@ -436,11 +435,11 @@ class _Mix(torch.autograd.Function):
                               device=grad.device)
             flats = [part.reshape(g, -1) for part in parts]
             for r in range(0, g, rows):
-                block = flat[r:r + rows] if rows < g else flat
-                b = buf[: block.shape[0]] if rows < g else buf
+                block = flat[r:r + rows]
+                b = buf[: block.shape[0]]
                 for j, part in enumerate(flats):
-                    torch.mul(block, (part[r:r + rows] if rows < g else part).to(grad), out=b)
-                    torch.sum(b, -1, out=grad_d[j, r:r + rows] if rows < g else grad_d[j])
+                    torch.mul(block, part[r:r + rows].to(grad), out=b)
+                    torch.sum(b, -1, out=grad_d[j, r:r + rows])
             grad_d = grad_d.reshape(d.shape)
         grad_p0 = grad if ctx.needs_input_grad[0] else None
         return (grad_p0, grad_d, None, *([None] * len(parts)))
