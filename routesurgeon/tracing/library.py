@@ -1,0 +1,46 @@
+"""Leaf modules, autowrapped functions and fixes that other libraries' models need to trace."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+from torch import nn
+
+
+def _library_leaves() -> tuple[set[type], set[Callable[..., Any]]]:
+    leaf_types: set[type] = set()
+    functions: set[Callable[..., Any]] = set()
+    try:
+        from timm.layers import _fx as timm_fx
+
+        leaf_types.update(timm_fx.get_notrace_modules())
+        functions.update(timm_fx.get_notrace_functions())
+    except ImportError:  # timm is optional
+        pass
+    try:  # smp's mix-transformer LayerNorm branches on x.ndim; it is per-channel
+        from segmentation_models_pytorch.encoders import mix_transformer
+
+        ln = getattr(mix_transformer, "LayerNorm", None)
+        if isinstance(ln, type):
+            leaf_types.add(ln)
+    except ImportError:
+        pass
+    return leaf_types, functions
+
+
+@contextlib.contextmanager
+def _library_fixes(model: nn.Module) -> Iterator[None]:
+    """Known, documented fixes that make library models traceable, undone on exit."""
+    changed: list[tuple[nn.Module, str, Any]] = []
+    for m in model.modules():
+        # smp: SegmentationModel.check_input_shape raises from Python on the input size
+        if hasattr(type(m), "check_input_shape") and hasattr(m, "requires_divisible_input_shape"):
+            changed.append((m, "requires_divisible_input_shape", m.requires_divisible_input_shape))
+            cast(Any, m).requires_divisible_input_shape = False
+    try:
+        yield
+    finally:
+        for m, name, old in changed:
+            setattr(m, name, old)
