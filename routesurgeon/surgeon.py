@@ -270,6 +270,15 @@ class Surgeon(nn.Module):
 
         return surgeon_report(self, path, history=history, routes=routes, **kwargs)
 
+    def conflicts(self, batches: Any, loss_fns: Mapping[str, Any], train: bool | None = None
+                  ) -> Any:
+        """Per shared layer and task pair, the cosine similarity and norm ratio of the task
+        gradients on ``batches`` (see ``routesurgeon.conflicts.measure_conflicts``); nothing
+        the model holds is changed."""
+        from routesurgeon.conflicts import measure_conflicts
+
+        return measure_conflicts(self, batches, loss_fns, train=train)
+
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, trace={self.trace_path!r}"
 

@@ -90,7 +90,14 @@ def _check_loss_fns(tasks: list[str], loss_fns: Mapping[str, Any]) -> None:
 
 
 class Trainer:
-    """Train ``surgeon`` with ``method`` (a registered name; see ``available_methods()``)."""
+    """Train ``surgeon`` with ``method`` (a registered name; see ``available_methods()``).
+
+    ``conflicts``: sample the gradient conflicts between tasks during training (``True``:
+    every ``routesurgeon.conflicts.DEFAULT_EVERY`` steps, an int: every that many, a
+    ``ConflictConfig``; default: on when ``log_dir`` is given); they are stored in each
+    epoch's record (``history[i]["conflicts"]``) and shown by the report.
+    ``log_dir``: write TensorBoard event files there (see ``routesurgeon.tensorboard``).
+    """
 
     def __init__(
         self,
@@ -101,6 +108,8 @@ class Trainer:
         importance_optimizer: torch.optim.Optimizer | None = None,
         max_nonfinite: int = 5,
         progress: bool = True,
+        conflicts: Any = None,
+        log_dir: str | None = None,
     ) -> None:
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in surgeon.model.named_parameters()
@@ -133,6 +142,9 @@ class Trainer:
         self._sync_grads = True  # average .grad over ranks in guard_step (under a process group)
         if rsdist.is_distributed():
             self._setup_distributed()
+        from routesurgeon.observe import Observer
+
+        self.observer = Observer(self, conflicts, log_dir)
 
     # -- what is trained -------------------------------------------------------------------------
     def optimizer_params(self) -> list[nn.Parameter]:
@@ -303,6 +315,7 @@ class Trainer:
             self.importance_optimizer.zero_grad(set_to_none=True)
         _check_loss_fns(self.surgeon.tasks, loss_fns)
         args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        self.observer.before_step(args, targets, loss_fns)
         outs = self.task_outputs(self.forward(*args))
         losses = {t: loss_fns[t](outs[t], targets[t]) for t in self.surgeon.tasks}
         self._batch = (tuple(args), targets, loss_fns)
@@ -323,7 +336,9 @@ class Trainer:
         self.method.after_step({k: v.detach() for k, v in losses.items()}, recompute=recompute)
         self.step_count += 1
         glob = self._global_losses or {t: float(v.detach()) for t, v in losses.items()}
-        return {**stats, **{f"loss/{t}": v for t, v in glob.items()}}
+        out = {**stats, **{f"loss/{t}": v for t, v in glob.items()}}
+        self.observer.after_step(out)
+        return out
 
     # -- epoch-level API -----------------------------------------------------------------------
     def fit_epoch(self, loader: Iterable[Any], loss_fns: Mapping[str, LossFn],
@@ -347,7 +362,7 @@ class Trainer:
             if self._progress is not None:
                 raise CheckpointError(f"a mid-epoch checkpoint cannot resume the per-epoch "
                                       f"method {self.method_name!r}")
-            record = fit(self, loader, loss_fns)
+            record = fit(self, self.observer.epoch_loader(loader, loss_fns), loss_fns)
         else:
             record = self._fit_steps(loader, loss_fns, checkpoint, checkpoint_every, on_step,
                                      skipped0)
@@ -359,6 +374,7 @@ class Trainer:
                 for layer, per in self.surgeon.importance().items()
             }
         self.sync_buffers()
+        self.observer.end_epoch(record)
         self.history.append(record)
         self.epoch += 1
         if checkpoint is not None:
@@ -435,6 +451,7 @@ class Trainer:
         finally:
             self.surgeon.train(was)
         result = {t: v / max(count, 1) for t, v in totals.items()}
+        self.observer.after_evaluate(result)
         if self.history:
             self.history[-1].setdefault("metrics", {}).update(
                 {t: {"metric": v} for t, v in result.items()})
