@@ -74,8 +74,46 @@ def outputs_graph(gm: fx.GraphModule, result: fx.Node | Mapping[str, fx.Node]
     else:
         graph.output({name: env[n] for name, n in result.items()})
     graph.eliminate_dead_code()
+    if _drop_foreign_asserts(graph):
+        graph.eliminate_dead_code()
     alive = set(graph.nodes)
     return graph, {k: v for k, v in env.items() if v in alive}
+
+
+_ASSERTS = tuple(f for f in (torch._assert, getattr(torch, "_assert_async", None),
+                             getattr(torch, "_check", None)) if f is not None)
+
+
+def _drop_foreign_asserts(graph: fx.Graph) -> bool:
+    """Drop assertions on tensors the outputs do not use; True when any was dropped.
+
+    An assertion has no users, so dead code elimination keeps it, and with it the layers whose
+    shapes it checks (timm asserts feature sizes in later stages): a route of an early output
+    would still run layers it does not reach. Assertions on what the outputs use (input sizes)
+    stay.
+    """
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    needed = _ancestors([out])
+    dropped = False
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in _ASSERTS or n.users:
+            continue
+        extra = _ancestors(n.all_input_nodes) - needed
+        if any(e.op == "call_module" or "rs_dtype" in e.meta for e in extra):
+            graph.erase_node(n)
+            dropped = True
+    return dropped
+
+
+def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 def _route_outputs(surgeon: Surgeon, mask: RouteMask) -> fx.Node | dict[str, fx.Node]:
@@ -172,8 +210,7 @@ def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
         if not mine:
             continue
         # grouped/depthwise: channels per group from the original module (whole groups go)
-        grouped = (isinstance(src, nn.modules.conv._ConvNd) and not src.transposed
-                   and src.groups > 1)
+        grouped = isinstance(src, nn.modules.conv._ConvNd) and src.groups > 1
         new = copy.deepcopy(src)
         for path, axes in mine.items():
             leaf = path.rsplit(".", 1)[1]
@@ -187,9 +224,14 @@ def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
         if grouped:
             conv = cast(nn.modules.conv._ConvNd, src)
             new_conv = cast(nn.modules.conv._ConvNd, new)
-            new_conv.out_channels = new_conv.weight.shape[0]
-            new_conv.groups = new_conv.weight.shape[0] // (conv.out_channels // conv.groups)
-            new_conv.in_channels = new_conv.groups * (conv.in_channels // conv.groups)
+            if conv.transposed:  # weight (in, out/groups, ...): whole groups of rows go
+                new_conv.in_channels = new_conv.weight.shape[0]
+                new_conv.groups = new_conv.in_channels // (conv.in_channels // conv.groups)
+                new_conv.out_channels = new_conv.groups * (conv.out_channels // conv.groups)
+            else:
+                new_conv.out_channels = new_conv.weight.shape[0]
+                new_conv.groups = new_conv.weight.shape[0] // (conv.out_channels // conv.groups)
+                new_conv.in_channels = new_conv.groups * (conv.in_channels // conv.groups)
         else:
             _fix_module_attributes(new)
         overrides[mod_path] = new

@@ -67,10 +67,44 @@ def magnitude_scores(surgeon: Surgeon) -> dict[str, dict[str, np.ndarray]]:
         if info["kind"] == "norm":
             continue
         w = gm.get_parameter(info["weight"]).detach()
-        axis = 1 if info.get("transposed") else 0
-        norms = w.transpose(0, axis).flatten(1).norm(dim=1).double().numpy()
+        norms = filter_norms(w, info).double().numpy()
         out[layer_name(gm, node, info)] = {t: norms for t in surgeon.tasks}
     return out
+
+
+def filter_norms(w: torch.Tensor, info: Mapping[str, Any]) -> torch.Tensor:
+    """L2 norm of each output channel's weights, whatever the layer's weight layout.
+
+    Convs and linear layers hold ``(out, in/groups, ...)``; transposed convs
+    ``(in, out/groups, ...)``, where output ``j * out/groups + k`` is column ``k`` of group
+    ``j``'s rows.
+    """
+    if not info.get("transposed"):
+        return w.flatten(1).norm(dim=1)
+    g = int(info.get("groups", 1))
+    per = w.shape[1]
+    v = w.reshape(g, w.shape[0] // g, per, -1).transpose(1, 2)  # (groups, out/g, in/g, kernel)
+    return v.reshape(g * per, -1).norm(dim=1)
+
+
+def _layer_scores(per_task: Mapping[str, Any], task: str, name: str, n: int,
+                  reaching: Sequence[str]) -> np.ndarray:
+    """``per_task[task]`` as an array of ``n`` scores; a wrong shape is reported for a task that
+    reaches the layer when one has it (checked first), else for ``task``."""
+    for t in [*reaching, task]:
+        if t not in per_task:
+            continue
+        s = np.asarray(torch.as_tensor(per_task[t]).detach().double().cpu().numpy())
+        if s.shape != (n,):
+            where = "" if t in reaching else (
+                f" (a task that does not reach it; {list(reaching)} do)")
+            raise InputError(
+                f"scores for layer {name!r}, task {t!r}{where} have shape {s.shape}; the layer "
+                f"has {n} output channels: pass one score per output channel"
+            )
+        if t == task:
+            return s
+    raise TaskError(f"scores for layer {name!r} have no task {task!r}")
 
 
 def _resolve_scores(surgeon: Surgeon, scores: Scores) -> Mapping[str, Mapping[str, Any]]:
@@ -108,7 +142,9 @@ def route_mask(
     elif not math.isfinite(float(threshold)):
         raise InputError(f"threshold must be a finite number, got {threshold!r}")
     surgeon.check_unchanged()
-    table = _resolve_scores(surgeon, scores)
+    # keep=1.0 keeps every group the task reaches: scores cannot change the route, none needed
+    keep_all = threshold is None and float(keep) >= 1.0  # type: ignore[arg-type]
+    table = {} if keep_all and scores in (None, "importance") else _resolve_scores(surgeon, scores)
     groups = surgeon.channel_groups
     gm = surgeon.traced.eval_graph
     bit = 1 << surgeon.tasks.index(task)
@@ -131,13 +167,9 @@ def route_mask(
                 # still be coupled with ones the task uses: the group is scored by those
                 continue
             raise TaskError(f"scores for layer {name!r} have no task {task!r}")
-        s = np.asarray(torch.as_tensor(per_task[task]).detach().double().cpu().numpy())
-        if s.shape != (len(info["out"]),):
-            raise InputError(
-                f"scores for layer {name!r}, task {task!r} have shape {s.shape}; the layer has "
-                f"{len(info['out'])} output channels"
-            )
-        id_score[info["out"]] = s
+        bits = surgeon._reach.get(node, 0)
+        reaching = [t for i, t in enumerate(surgeon.tasks) if bits >> i & 1]
+        id_score[info["out"]] = _layer_scores(per_task, task, name, len(info["out"]), reaching)
     sums = np.bincount(groups.labels, weights=np.nan_to_num(id_score), minlength=groups.n_groups)
     counts = np.bincount(groups.labels, weights=~np.isnan(id_score), minlength=groups.n_groups)
     group_score = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)  # unscored: keep

@@ -68,9 +68,12 @@ def _conv_like(
         mult = c_out // c_in
         st.couple(np.repeat(in_ids, mult), out_ids)  # depthwise: channel c feeds outputs c*m..
         st.slice_param(weight, 0, out_ids)
-    elif not transposed and c_in % groups == 0 and c_out % groups == 0:
+    elif c_in % groups == 0 and c_out % groups == 0:
+        # grouped (and transposed depthwise): whole groups go. A conv's weight is
+        # (out, in/groups, ...), a transposed conv's (in, out/groups, ...): the axis that holds
+        # one group is never cut
         _couple_whole_groups(st, in_ids, out_ids, groups)
-        st.slice_param(weight, 0, out_ids)  # the weight's in-axis holds one group: never cut
+        st.slice_param(weight, 0, in_ids if transposed else out_ids)
         st.mask_input(node, 0, Space(1, in_ids))
     else:
         why = f"grouped convolution (groups={groups}) {_describe(node)}"
@@ -78,8 +81,9 @@ def _conv_like(
         st.fix(out_ids, why)
     if bias is not None:
         st.slice_param(bias, 0, out_ids)
+    # the weight's layout: (out, in/groups, ...) or, transposed, (in, out/groups, ...)
     st.layers[node] = {"kind": "conv", "weight": weight, "in": in_ids, "out": out_ids,
-                       "groups": groups, "group_in": c_in // groups}
+                       "groups": groups, "group_in": c_in // groups, "transposed": transposed}
     st.spaces[node] = Space(1, out_ids)
 
 
@@ -111,14 +115,25 @@ def _conv_module(st: AnalysisState, node: fx.Node, m: nn.Module) -> None:
 def _convt_module(st: AnalysisState, node: fx.Node, m: nn.Module) -> None:
     assert isinstance(m, nn.modules.conv._ConvTransposeNd)
     p = str(node.target)
-    if m.groups != 1 or len(node.args) > 1 or node.kwargs:
+    if len(node.args) > 1 or node.kwargs:  # output_size given: leave it as it is
         return opaque(st, node)
     _conv_like(st, node, f"{p}.weight", f"{p}.bias" if m.bias is not None else None,
-               1, transposed=True)
+               m.groups, transposed=True)
 
 
 @register_channel_rule(F.conv1d, F.conv2d, F.conv3d)
 def _conv_function(st: AnalysisState, node: fx.Node) -> None:
+    _functional_conv(st, node, transposed=False)
+
+
+@register_channel_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+def _conv_transpose_function(st: AnalysisState, node: fx.Node) -> None:
+    _functional_conv(st, node, transposed=True)
+
+
+def _functional_conv(st: AnalysisState, node: fx.Node, transposed: bool) -> None:
+    """``F.conv*d`` / ``F.conv_transpose*d`` on get_attr weights; ``groups`` is argument 6 of
+    both."""
     w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
     groups = _arg(node, 6, "groups", 1)
     if not (isinstance(w, fx.Node) and w.op == "get_attr") or not isinstance(groups, int):
@@ -126,7 +141,7 @@ def _conv_function(st: AnalysisState, node: fx.Node) -> None:
     if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
         return opaque(st, node)
     _conv_like(st, node, str(w.target), str(b.target) if b is not None else None, groups,
-               transposed=False)
+               transposed=transposed)
 
 
 def _linear_like(st: AnalysisState, node: fx.Node, weight: str, bias: str | None) -> None:
