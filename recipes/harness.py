@@ -67,6 +67,10 @@ class RunConfig:
     max_batches: int | None = None  # cap batches per pass (quick modes)
     report_method: str | None = None  # whose first-seed run the HTML report shows (default:
     # the first route method, else the first method)
+    # ``tuned-equal`` (recipes/tuned_equal.py): equal weighting at the learning rate, among
+    # ``lr * factor``, that scores best on a ``val_fraction`` split held out of the training set
+    tuned_lr_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
+    val_fraction: float = 0.1
 
 
 #: The budgets of docs/results.md for the image recipes (1 and 2), every method and three seeds:
@@ -423,6 +427,21 @@ def train_single(recipe: Recipe, task: str, seed: int, cfg: RunConfig) -> dict[s
     return {"task": task, "seed": seed, "metrics": metrics, "wall_s": time.perf_counter() - t0}
 
 
+def harness_entries() -> dict[str, Callable[..., tuple[rs.Surgeon, rs.Trainer, dict[str, Any]]]]:
+    """Entries of a recipe's method list that are not registered methods but are trained here,
+    each like ``train_method``: ``tuned-equal`` (``equal`` with its learning rate chosen on a
+    validation split, see ``recipes/tuned_equal.py``)."""
+    from tuned_equal import train_tuned_equal
+
+    return {"tuned-equal": train_tuned_equal}
+
+
+def default_methods() -> list[str]:
+    """What a recipe trains when ``RunConfig.methods`` is None: every registered method, then
+    the harness entries."""
+    return [*rs.available_methods(), *harness_entries()]
+
+
 # -- routes ---------------------------------------------------------------------------------------
 
 
@@ -618,7 +637,7 @@ def run_recipe(recipe: Recipe, cfg: RunConfig, out: Path,
     if header:
         print(header)
     torch.set_num_threads(cfg.threads)
-    methods = list(cfg.methods or rs.available_methods())
+    methods = list(cfg.methods or default_methods())
     # seed by seed, single-task baselines first: a run stopped early leaves complete seeds
     singles_of = [f"single:{t}" for t in recipe.tasks] if cfg.single_task else []
     jobs = [(s, m) for s in cfg.seeds for m in [*singles_of, *methods]]
@@ -636,7 +655,8 @@ def run_recipe(recipe: Recipe, cfg: RunConfig, out: Path,
             with (out / "runs.jsonl").open("a") as f:
                 f.write(json.dumps({"single": singles[-1]}) + "\n")
             continue
-        surgeon, trainer, record = train_method(recipe, job, seed, cfg)
+        train_job = harness_entries().get(job, train_method)
+        surgeon, trainer, record = train_job(recipe, job, seed, cfg)
         runs.append(record)
         first = seed == cfg.seeds[0]
         if first and job in cfg.route_methods:
