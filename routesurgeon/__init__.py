@@ -8,10 +8,12 @@ from routesurgeon._version import __version__
 from routesurgeon.channels import register_channel_rule
 from routesurgeon.errors import (
     CheckpointError,
+    CompileError,
     ExportError,
     InputError,
     LossError,
     ModelChangedError,
+    PrecisionError,
     RouteSurgeonError,
     TaskError,
     TracingError,
@@ -32,6 +34,7 @@ from routesurgeon.zoo import MultiExit, MultiHead, build_model, multi_exit
 
 __all__ = [
     "CheckpointError",
+    "CompileError",
     "DRMGFConfig",
     "DRMGFStepConfig",
     "ExportError",
@@ -42,6 +45,7 @@ __all__ = [
     "ModelChangedError",
     "MultiExit",
     "MultiHead",
+    "PrecisionError",
     "RouteConfig",
     "RouteInfo",
     "RouteSurgeonError",

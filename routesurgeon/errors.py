@@ -43,3 +43,11 @@ class CheckpointError(RouteSurgeonError):
 
 class ModelChangedError(RouteSurgeonError):
     """The user's model changed (parameters added, removed or reshaped) after instrumenting."""
+
+
+class PrecisionError(RouteSurgeonError, ValueError):
+    """A precision (autocast dtype, loss scaling) the device or the method cannot train under."""
+
+
+class CompileError(RouteSurgeonError, ValueError):
+    """A ``torch.compile`` mode the method cannot train under."""

@@ -9,6 +9,7 @@ both the reference algorithm and the per-step variant.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,11 @@ class _ActivationGated(torch.autograd.Function):
     ``dot = sum(dL/dW_eff * W)`` equals ``sum(grad * y)`` over the batch and positions (the conv
     is linear in W), so ``dL/dg = dot / c`` and ``dL/dW = s * dL/dW_eff - W * s * dot / (c * n)``
     (where ``n > eps``), its closed form, from the saved ``y``.
+
+    Under autocast the layer runs as autocast runs it: ``x`` and ``W`` cast to the autocast
+    dtype for the conv (``y`` and the output in it, the bias and ``s`` cast too); the norms,
+    ``s``, the per-filter sums and the gradients of ``W``, the bias and ``g`` stay in the
+    parameters' dtype, the input gradient in ``x``'s.
     """
 
     @staticmethod
@@ -149,53 +155,77 @@ class _ActivationGated(torch.autograd.Function):
         c = n.clamp_min(_EPS)
         s = g / c
         view = (-1, *([1] * (weight.dim() - 2)))  # broadcasts over the output's channel dim
-        if conv is None:
-            y = torch.nn.functional.linear(x, weight)
-        else:
-            stride, padding, dilation, groups = conv
-            y = torch.convolution(x, weight, None, stride, padding, dilation, False,
-                                  [0] * len(stride), groups)
-        out = (torch.addcmul(bias.view(view), y, s.view(view)) if bias is not None
-               else y * s.view(view))
+        dev = x.device.type
+        low = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+               and torch.float64 not in (x.dtype, weight.dtype) else None)  # autocast skips f64
+        ctx.x_dtype = x.dtype
+        with _autocast_off(dev):
+            xin, w = (x.to(low), weight.to(low)) if low is not None else (x, weight)
+            if conv is None:
+                y = torch.nn.functional.linear(xin, w)
+            else:
+                stride, padding, dilation, groups = conv
+                y = torch.convolution(xin, w, None, stride, padding, dilation, False,
+                                      [0] * len(stride), groups)
+            sv = s.to(y.dtype).view(view)
+            out = (torch.addcmul(bias.to(y.dtype).view(view), y, sv) if bias is not None
+                   else y * sv)
         ctx.conv = conv
-        ctx.save_for_backward(x, weight, n, c, s, y)
+        ctx.save_for_backward(xin, weight, n, c, s, y)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, n, c, s, y = ctx.saved_tensors
-        need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
-        conv = ctx.conv
-        view = (-1, *([1] * (weight.dim() - 2)))
-        chan = (grad.dim() - 1) if conv is None else (grad.dim() - weight.dim() + 1)
-        other = [d for d in range(grad.dim()) if d != chan]
-        grad_b = None
-        if need_b:
-            grad_b = grad.sum(dim=other) if other else grad.clone()
-        dot = None
-        if need_w or need_g:
-            prod = grad * y
-            dot = prod.sum(dim=other) if other else prod
-        grad_x = grad_w = None
-        if need_x or need_w:
-            gs = grad * s.view(view)
-            if conv is None:
-                grad_x = gs.matmul(weight) if need_x else None
-                if need_w:
-                    grad_w = gs.reshape(-1, weight.shape[0]).t().mm(
-                        x.reshape(-1, weight.shape[1]))
-            else:
-                stride, padding, dilation, groups = conv
-                grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                    gs, x, weight, None, stride, padding, dilation, False, [0] * len(stride),
-                    groups, [need_x, need_w, False])
-        if need_w:
-            assert dot is not None and grad_w is not None
-            coef = torch.where(n > _EPS, -s * dot / (c * n), 0.0)
-            grad_w = grad_w.addcmul_(weight, coef.view(-1, *([1] * (weight.dim() - 1))))
-        grad_g = dot / c if need_g and dot is not None else None
-        return grad_x, grad_w, grad_b, grad_g, None
+        with _autocast_off(grad.device.type):
+            return _activation_gated_backward(ctx, grad.to(y.dtype), x, weight, n, c, s, y)
+
+
+def _activation_gated_backward(ctx: Any, grad: Tensor, x: Tensor, weight: Tensor, n: Tensor,
+                               c: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor | None, ...]:
+    """``_ActivationGated.backward``; ``grad``, ``x`` and ``y`` in the conv's dtype."""
+    need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
+    conv = ctx.conv
+    acc = weight.dtype  # the per-filter sums and the parameter gradients
+    view = (-1, *([1] * (weight.dim() - 2)))
+    chan = (grad.dim() - 1) if conv is None else (grad.dim() - weight.dim() + 1)
+    other = [d for d in range(grad.dim()) if d != chan]
+    grad_b = None
+    if need_b:
+        grad_b = grad.sum(dim=other, dtype=acc) if other else grad.to(acc, copy=True)
+    dot = None
+    if need_w or need_g:
+        prod = grad * y
+        dot = prod.sum(dim=other, dtype=acc) if other else prod.to(acc)
+    grad_x = grad_w = None
+    if need_x or need_w:
+        gs = grad * s.to(grad.dtype).view(view)
+        w = weight.to(grad.dtype)
+        if conv is None:
+            grad_x = gs.matmul(w) if need_x else None
+            if need_w:
+                grad_w = gs.reshape(-1, w.shape[0]).t().mm(x.reshape(-1, w.shape[1]))
+        else:
+            stride, padding, dilation, groups = conv
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                gs, x, w, None, stride, padding, dilation, False, [0] * len(stride),
+                groups, [need_x, need_w, False])
+    if need_w:
+        assert dot is not None and grad_w is not None
+        coef = torch.where(n > _EPS, -s * dot / (c * n), 0.0)
+        grad_w = grad_w.to(acc).addcmul_(weight, coef.view(-1, *([1] * (weight.dim() - 1))))
+    if grad_x is not None:
+        grad_x = grad_x.to(ctx.x_dtype)
+    grad_g = dot / c if need_g and dot is not None else None
+    return grad_x, grad_w, grad_b, grad_g, None
+
+
+def _autocast_off(device_type: str) -> Any:
+    """A context that disables autocast on ``device_type`` when it is on (else a no-op)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 _ACTIVATION_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -247,13 +277,12 @@ def _conv_out_numel(x: Tensor, w: Tensor, conv: tuple[Any, ...]) -> int:
     return size
 
 
-def _hooks_or_autocast(modules: Sequence[nn.Module]) -> bool:
-    """Whether a module call would run hooks (or autocast) that ``_gated_layer`` bypasses."""
+def _has_hooks(modules: Sequence[nn.Module]) -> bool:
+    """Whether a module call would run hooks that ``_gated_layer`` bypasses. (Autocast is not
+    bypassed: ``_ActivationGated`` casts as autocast does.)"""
     from torch.nn.modules import module as _m
 
     if _m._global_forward_hooks or _m._global_forward_pre_hooks:
-        return True
-    if any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
@@ -361,12 +390,12 @@ class ImportanceBank(nn.Module):
 
         At filter granularity each shared plain conv/linear layer is gated on its output
         channels instead (``_ActivationGated``: same values and gradients, no gated copy of the
-        weight); other layers, connection granularity, hooked modules and autocast take the
-        weight path.
+        weight, also under autocast); other layers, connection granularity and hooked modules
+        take the weight path.
         """
         kw = dict(kwargs or {})
         plan = self._activation_plan(gm)
-        if plan is None or _hooks_or_autocast(plan[2]):
+        if plan is None or _has_hooks(plan[2]):
             gated = self.gated_weights(params, task)
             return torch.func.functional_call(gm, gated, tuple(args), kw, strict=False)
         gm_act, buffers, _ = plan

@@ -11,6 +11,9 @@ Numerical guards: a non-finite task loss, gradient or importance/scale value ski
 anything is written (counted in ``skipped`` and the history); ``max_nonfinite`` consecutive skips
 stop the run with a ``LossError`` naming the task and the layer.
 Data parallel: see ``routesurgeon.distributed`` (the trainer detects an initialised process group).
+Mixed precision: ``precision="bf16"`` or ``"fp16"`` (with a ``torch.amp.GradScaler``, made or
+given as ``scaler=``); see ``routesurgeon.precision``. In your own loop compute the losses under
+``with trainer.autocast():`` and step with ``trainer.optimizer_step()``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 
 from routesurgeon import checkpoint as ckpt
 from routesurgeon import distributed as rsdist
+from routesurgeon import precision as rsprec
 from routesurgeon.errors import CheckpointError, LossError
 from routesurgeon.guards import check_call_inputs
 from routesurgeon.methods.registry import get_method_class
@@ -108,6 +112,8 @@ class Trainer:
         importance_optimizer: torch.optim.Optimizer | None = None,
         max_nonfinite: int = 5,
         progress: bool = True,
+        precision: str | int = "32",
+        scaler: torch.amp.GradScaler | None = None,
         conflicts: Any = None,
         log_dir: str | None = None,
     ) -> None:
@@ -128,6 +134,13 @@ class Trainer:
         if extra:
             self.optimizer.add_param_group({"params": extra})
         self.importance_optimizer = importance_optimizer
+        first = next(iter(surgeon.model.parameters()), None)
+        self.precision = rsprec.resolve_precision(
+            precision, first.device if first is not None else torch.device("cpu"))
+        rsprec.check_method(self.method, self.method_name, self.precision)
+        self.scaler = rsprec.check_scaler(self.precision, scaler)
+        self.overflow_skipped = 0  # fp16 steps the GradScaler skipped (scaled gradient overflow)
+        self._unscaled = False  # the scaler unscaled .grad since its last update()
         self.max_nonfinite = max_nonfinite
         self.progress = progress
         self.history: list[dict[str, Any]] = []
@@ -199,13 +212,49 @@ class Trainer:
         rsdist.broadcast_tensors([t for t in tensors if t.is_floating_point()], stats=self.comm)
 
     # -- step-level API ------------------------------------------------------------------------
+    def autocast(self) -> Any:
+        """A context running the forward and the losses in the trainer's precision."""
+        return self.precision.autocast()
+
+    @property
+    def loss_scale(self) -> float:
+        """The GradScaler's current scale under fp16 (1 otherwise)."""
+        if self.scaler is None:
+            return 1.0
+        if self.scaler._scale is None:  # created lazily by scale(): on the model's device
+            first = next(iter(self.surgeon.model.parameters()), None)
+            self.scaler.scale(torch.ones((), device=first.device if first is not None else None))
+        return float(self.scaler.get_scale())
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's outputs (through the method's forward when it needs one)."""
+        """The model's outputs (through the method's forward when it needs one), autocast in
+        the trainer's precision."""
         fwd = getattr(self.method, "forward", None)
-        if fwd is None:
-            return self.surgeon(*args, **kwargs)
-        check_call_inputs(self.surgeon.model, self.surgeon._example_meta, args, kwargs)
-        return fwd(*args, **kwargs)
+        with self.autocast():
+            if fwd is None:
+                return self.surgeon(*args, **kwargs)
+            check_call_inputs(self.surgeon.model, self.surgeon._example_meta, args, kwargs)
+            return fwd(*args, **kwargs)
+
+    def _optimizers(self, optimizers: Sequence[torch.optim.Optimizer] | None
+                    ) -> list[torch.optim.Optimizer]:
+        if optimizers is not None:
+            return [o for o in optimizers if o is not None]
+        return [self.optimizer] + ([self.importance_optimizer] if self.importance_optimizer
+                                   else [])
+
+    def optimizer_step(self, optimizers: Sequence[torch.optim.Optimizer] | None = None) -> None:
+        """Step ``optimizers`` (default: the model's and the importance optimizer), through the
+        GradScaler under fp16 (which then updates its scale)."""
+        opts = self._optimizers(optimizers)
+        if self.scaler is None:
+            for opt in opts:
+                opt.step()
+            return
+        for opt in opts:
+            self.scaler.step(opt)
+        self.scaler.update()
+        self._unscaled = False
 
     def task_outputs(self, outputs: Any) -> dict[str, Tensor]:
         spec = self.surgeon.outputs
@@ -233,17 +282,33 @@ class Trainer:
         return True
 
     def guard_step(self, params: Sequence[Tensor] | None = None, where: str = "",
-                   values: Sequence[Tensor] = ()) -> bool:
+                   values: Sequence[Tensor] = (),
+                   optimizers: Sequence[torch.optim.Optimizer] | None = None) -> bool:
         """All-reduce (when distributed) and check the gradients of ``params`` (default: all the
         optimizers hold) and the tensors ``values``; on a non-finite one zero the gradients, skip
         the step (raising after ``max_nonfinite`` in a row) and return False.
 
         A method that synchronises its per-task gradients itself (``data_parallel="jacobian"``)
-        leaves identical gradients on every rank: they are only checked, not reduced again."""
+        leaves identical gradients on every rank: they are only checked, not reduced again.
+
+        Under fp16 the GradScaler first unscales the gradients of ``optimizers`` (default: the
+        trainer's); a non-finite one is an overflow of the scaled backward: the step is left to
+        the scaler (scale lowered, ``overflow_skipped`` counted), not to the guard."""
         params = list(self.optimizer_params() if params is None else params)
         grads = [p.grad for p in params if p.grad is not None]
         if self._sync_grads:
             rsdist.all_reduce_mean([*grads, *values], self.comm)
+        if self.scaler is not None:
+            for opt in self._optimizers(optimizers):
+                self.scaler.unscale_(opt)
+            self._unscaled = True
+            if not all_finite(grads):
+                for p in params:
+                    p.grad = None
+                self.overflow_skipped += 1
+                self.scaler.update()  # the inf it found lowers the scale
+                self._unscaled = False
+                return False
         if all_finite([*grads, *values]):
             return True
         names = self._param_names()
@@ -261,6 +326,8 @@ class Trainer:
             return None
         bank = self.surgeon.importance_bank
         state = [p.detach().clone() for p in bank.parameters()]
+        self.method.grad_scale = self.loss_scale
+        self.method.autocast_dtype = self.precision.dtype
         stats = self.method.backward(losses)
         # importance variables a method updates in its backward (drmgf-step's Taylor estimate)
         if rsdist.is_distributed():  # the same list on every rank
@@ -281,6 +348,9 @@ class Trainer:
         return stats
 
     def _skip(self, why: str, tasks: Sequence[str] = (), params: Sequence[str] = ()) -> None:
+        if self.scaler is not None and self._unscaled:  # close the scaler's step
+            self.scaler.update()
+            self._unscaled = False
         self.skipped += 1
         self._consecutive_bad += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -316,8 +386,9 @@ class Trainer:
         _check_loss_fns(self.surgeon.tasks, loss_fns)
         args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         self.observer.before_step(args, targets, loss_fns)
-        outs = self.task_outputs(self.forward(*args))
-        losses = {t: loss_fns[t](outs[t], targets[t]) for t in self.surgeon.tasks}
+        with self.autocast():
+            outs = self.task_outputs(self.forward(*args))
+            losses = {t: loss_fns[t](outs[t], targets[t]) for t in self.surgeon.tasks}
         self._batch = (tuple(args), targets, loss_fns)
         try:
             stats = self.backward(losses)
@@ -325,13 +396,12 @@ class Trainer:
             self._batch = None
         if stats is None:
             return None
-        self.optimizer.step()
-        if self.importance_optimizer is not None:
-            self.importance_optimizer.step()
+        self.optimizer_step()
 
         def recompute() -> dict[str, Tensor]:
-            outs = self.task_outputs(self.forward(*args))
-            return {t: loss_fns[t](outs[t], targets[t]) for t in self.surgeon.tasks}
+            with self.autocast():
+                outs = self.task_outputs(self.forward(*args))
+                return {t: loss_fns[t](outs[t], targets[t]) for t in self.surgeon.tasks}
 
         self.method.after_step({k: v.detach() for k, v in losses.items()}, recompute=recompute)
         self.step_count += 1
@@ -443,7 +513,8 @@ class Trainer:
         try:
             for inputs, targets in loader:
                 args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-                outs = self.task_outputs(self.surgeon(*args))
+                with self.autocast():
+                    outs = self.task_outputs(self.surgeon(*args))
                 b = len(next(iter(targets.values())))
                 for t, fn in metric_fns.items():
                     totals[t] = totals.get(t, 0.0) + float(fn(outs[t], targets[t])) * b
@@ -472,6 +543,7 @@ class Trainer:
                         "consecutive_bad": self._consecutive_bad, "history": self.history},
             "progress": self._progress,
             "rng": ckpt.rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -489,6 +561,8 @@ class Trainer:
         self.history = list(tr["history"])
         self._progress = state["progress"]
         ckpt.set_rng_state(state["rng"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def _fingerprint(self) -> list[Any]:
         return ckpt.fingerprint(self.surgeon.model, self.surgeon.importance_bank)

@@ -3,6 +3,7 @@ the gated reparametrisation, the fusion contraction in S and the batched finiten
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -253,8 +254,17 @@ def test_fusion_pass_in_place_matches_the_reference_fused_forward() -> None:
         def check_step_losses(self, *_: object) -> bool:
             return True
 
-        def guard_step(self, *_: object) -> bool:
+        def guard_step(self, *_: object, **__: object) -> bool:
             return True
+
+        loss_scale = 1.0
+
+        def autocast(self) -> contextlib.AbstractContextManager[None]:
+            return contextlib.nullcontext()
+
+        def optimizer_step(self, opts: list[torch.optim.Optimizer]) -> None:
+            for o in opts:
+                o.step()
 
     def loss_of(k: int) -> object:
         return lambda o, _t: (o.float() ** 2).mean() * (k + 1)

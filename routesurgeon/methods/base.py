@@ -39,6 +39,14 @@ class GradientMethod:
     #: "jacobian" (the method averages its per-task gradients with ``reduce_mean`` before
     #: combining them), None (unknown: refused under a process group).
     data_parallel: ClassVar[str | None] = None
+    #: Whether ``backward`` multiplies what it back-propagates by ``grad_scale`` (the fp16
+    #: GradScaler's loss scale, 1 otherwise) where that scales its gradient exactly, and unscales
+    #: whatever else it derives from gradients; methods that do not are refused under fp16.
+    supports_loss_scale: ClassVar[bool] = False
+    #: Set by the ``Trainer`` before each backward under fp16 (``routesurgeon.precision``).
+    grad_scale: float = 1.0
+    #: Set by the ``Trainer``: the autocast dtype of the forward (None in full precision).
+    autocast_dtype: torch.dtype | None = None
     #: Installed by the ``Trainer`` under torch.distributed: averages tensors over ranks in place.
     reducer: Callable[[Sequence[Tensor]], None] | None = None
 

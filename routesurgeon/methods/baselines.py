@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from routesurgeon.branches import on_branch_edges
 from routesurgeon.methods.base import GradientMethod, stack_losses
 from routesurgeon.methods.registry import register_method
+from routesurgeon.precision import scaled
 from routesurgeon.topology import node_reach
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class ScalarizerMethod(GradientMethod):
     """A torchjd ``Scalarizer`` over the task losses, then one ordinary backward."""
 
     data_parallel = "gradients"  # a weighted sum of the losses: linear in their gradients
+    supports_loss_scale = True  # the scalarized loss is scaled, after any non-linearity
 
     def make_scalarizer(self, n_tasks: int) -> nn.Module:
         raise NotImplementedError
@@ -59,7 +61,7 @@ class ScalarizerMethod(GradientMethod):
 
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
         loss = self.scalarizer(stack_losses(self.tasks, losses))
-        loss.backward()
+        scaled(loss, self.grad_scale).backward()
         return {"loss/total": float(loss.detach())}
 
     def parameters(self) -> list[nn.Parameter]:
@@ -131,7 +133,7 @@ class Famo(ScalarizerMethod):
             self.reduce_mean([global_values])
             values = _Substitute.apply(values, global_values)
         loss = self.scalarizer(values)
-        loss.backward()
+        scaled(loss, self.grad_scale).backward()  # after FAMO's logarithm of the losses
         return {"loss/total": float(loss.detach())}
 
     def after_step(self, losses: Mapping[str, Tensor],
@@ -166,6 +168,9 @@ class AggregatorMethod(GradientMethod):
     """
 
     data_parallel = "jacobian"
+    #: the Jacobian of the scaled losses is unscaled before aggregating (Nash-MTL is not
+    #: scale-invariant) and the aggregate scaled back, so the GradScaler unscales it exactly
+    supports_loss_scale = True
 
     def make_aggregator(self, n_tasks: int) -> Any:
         raise NotImplementedError
@@ -182,18 +187,38 @@ class AggregatorMethod(GradientMethod):
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
         from torchjd.autojac import backward, jac_to_grad
 
-        stacked = stack_losses(self.tasks, losses)
+        stacked = scaled(stack_losses(self.tasks, losses), self.grad_scale)
         if self.exclusive:
             # An exclusive parameter is reached by one loss only: the sum's gradient is its own.
             stacked.sum().backward(inputs=self.exclusive, retain_graph=bool(self.shared))
         if self.shared:
-            backward(list(stacked.unbind()), inputs=self.shared)
+            # under autocast the Jacobian's rows are computed one by one: vmap's batched
+            # backward of a BatchNorm with 16-bit input and float32 weight raises a dtype error
+            chunk = 1 if self.autocast_dtype is not None else None
+            backward(list(stacked.unbind()), inputs=self.shared, parallel_chunk_size=chunk)
         if self.distributed:  # the per-task gradients of the global batch, on every rank
             self.reduce_mean([*(p.jac for p in self.shared),  # type: ignore[attr-defined]
                               *(p.grad for p in self.exclusive if p.grad is not None)])
         if self.shared:
+            self._aggregate(jac_to_grad)
+        return {"loss/total": float(stacked.detach().sum()) / self.grad_scale}
+
+    def _aggregate(self, jac_to_grad: Callable[..., Any]) -> None:
+        s = self.grad_scale
+        if s == 1.0:
             jac_to_grad(self.shared, self.aggregator)
-        return {"loss/total": float(stacked.detach().sum())}
+            return
+        from routesurgeon.trainer import all_finite
+
+        jacs = [p.jac for p in self.shared]  # type: ignore[attr-defined]
+        if not all_finite(jacs):  # overflow of the scaled backward: the scaler skips the step
+            for p, j in zip(self.shared, jacs, strict=True):
+                p.grad = j.sum(0)
+                del p.jac  # type: ignore[attr-defined]
+            return
+        torch._foreach_div_(jacs, s)
+        jac_to_grad(self.shared, self.aggregator)
+        torch._foreach_mul_([p.grad for p in self.shared if p.grad is not None], s)
 
 
 def _aggregator(name: str, factory: Callable[[int, dict[str, Any]], Any], doc: str) -> type:
@@ -263,6 +288,7 @@ class GradientEquilibrium(GradientMethod):
     """IMTA's gradient equilibrium, generalised to any branching multi-output graph."""
 
     data_parallel = "gradients"  # fixed scales on the backward: linear in the task gradients
+    supports_loss_scale = True
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -278,5 +304,5 @@ class GradientEquilibrium(GradientMethod):
 
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
         total = stack_losses(self.tasks, losses).sum()
-        total.backward()
+        scaled(total, self.grad_scale).backward()
         return {"loss/total": float(total.detach())}

@@ -23,6 +23,7 @@ from routesurgeon.errors import LossError
 from routesurgeon.guards import check_call_inputs, shape_error
 from routesurgeon.importance import dominance, importance_share
 from routesurgeon.methods.registry import register_method
+from routesurgeon.precision import scaled
 
 __all__ = ["DRMGF", "DRMGFConfig"]
 
@@ -61,6 +62,9 @@ class DRMGF:
     #: under a process group the trainer averages the model gradients of each disentanglement
     #: step and the S gradients of each fusion step: linear in the per-sample gradients
     data_parallel = "gradients"
+    #: under fp16 every pass scales its loss by the trainer's GradScaler and steps through it
+    supports_loss_scale = True
+    grad_scale = 1.0
 
     def __init__(self, context: Any, **config: Any) -> None:
         self.cfg = DRMGFConfig(**config)
@@ -167,11 +171,12 @@ class DRMGF:
                 if routed:
                     self._imp_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                 args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-                if routed:
-                    outs = trainer.task_outputs(self._routed_forward(t, tuple(args)))
-                else:
-                    outs = trainer.task_outputs(s(*args))
-                task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
+                with trainer.autocast():
+                    if routed:
+                        outs = trainer.task_outputs(self._routed_forward(t, tuple(args)))
+                    else:
+                        outs = trainer.task_outputs(s(*args))
+                    task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
                 trainer._batch = (tuple(args), targets, loss_fns)  # for the guard's diagnosis
                 if not trainer.check_step_losses(task_losses, f" in the {t} pass"):
                     continue
@@ -179,14 +184,14 @@ class DRMGF:
                     weights.get(k, 1.0) * (1.0 if k == t else self.cfg.alpha) * v
                     for k, v in task_losses.items()
                 )
-                total.backward()
+                scaled(total, trainer.loss_scale).backward()  # type: ignore[arg-type]
                 imp = list(self._imp_opt.param_groups[0]["params"]) if routed else []  # type: ignore[union-attr]
-                if not trainer.guard_step(trainer.optimizer_params() + imp, f" in the {t} pass"):
+                opts = [trainer.optimizer, *([self._imp_opt] if routed else [])]
+                if not trainer.guard_step(trainer.optimizer_params() + imp, f" in the {t} pass",
+                                          optimizers=opts):
                     continue
                 trainer._consecutive_bad = 0
-                trainer.optimizer.step()
-                if routed:
-                    self._imp_opt.step()  # type: ignore[union-attr]
+                trainer.optimizer_step(opts)
                 trainer.step_count += 1
                 losses[t].append(float(task_losses[t].detach()))
             with torch.no_grad():
@@ -306,19 +311,21 @@ class DRMGF:
             self._s_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
             ds = dominances()
             params = {n: self._mix(n, theta0, deltas, ds[n]) for n in dynamic}
-            out = torch.func.functional_call(s.graph_module, params, args, strict=False)
-            outs = trainer.task_outputs(out)
-            task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
+            with trainer.autocast():
+                out = torch.func.functional_call(s.graph_module, params, args, strict=False)
+                outs = trainer.task_outputs(out)
+                task_losses = {k: loss_fns[k](outs[k], targets[k]) for k in self.tasks}
             trainer._batch = None
             if not trainer.check_step_losses(task_losses, " in the fusion pass"):
                 continue
-            sum(task_losses.values()).backward()
+            scaled(sum(task_losses.values()), trainer.loss_scale).backward()  # type: ignore[arg-type]
             del params, out, outs
             scales = list(self.surgeon.scale_parameters())
-            if not trainer.guard_step(scales, " of the meta scales S in the fusion pass"):
+            if not trainer.guard_step(scales, " of the meta scales S in the fusion pass",
+                                      optimizers=[self._s_opt]):
                 continue
             trainer._consecutive_bad = 0
-            self._s_opt.step()  # type: ignore[union-attr]
+            trainer.optimizer_step([self._s_opt])
             n_batches += 1
         with torch.no_grad():
             ds = dominances()

@@ -46,6 +46,7 @@ from routesurgeon.branches import on_branch_edges
 from routesurgeon.importance import _key
 from routesurgeon.methods.base import GradientMethod
 from routesurgeon.methods.registry import register_method
+from routesurgeon.precision import scaled
 from routesurgeon.topology import node_reach
 
 __all__ = ["DRMGFStep", "DRMGFStepConfig", "capture_graph"]
@@ -132,7 +133,9 @@ def capture_graph(gm: fx.GraphModule, module_paths: set[str], cut: set[str] | No
 
 def _taylor_score(y: Tensor, g: Tensor, axis: int) -> Tensor:
     """First-order effect of each filter on a task loss: |sum over positions of y * delta|,
-    summed over the batch."""
+    summed over the batch (in float32 under autocast: reduced 16-bit products lose digits)."""
+    if y.dtype in (torch.float16, torch.bfloat16):
+        y, g = y.float(), g.float()
     if y.dim() == 4 and axis == 1:  # (B, C, H, W): no full-size temporary
         return torch.einsum("bchw,bchw->bc", y, g).abs().sum(0)
     dims = [d for d in range(y.dim()) if d not in (0, axis)]
@@ -227,6 +230,8 @@ class DRMGFStep(GradientMethod):
     #: the fused gradient is linear in the per-task gradients (the trainer averages ``.grad``);
     #: gated importance averages its own gradient of A with ``reduce_mean``
     data_parallel = "gradients"
+    #: each task loss is scaled before its backward; the Taylor importance is unscaled
+    supports_loss_scale = True
 
     def __init__(self, context: Any, **config: Any) -> None:
         self.cfg = DRMGFStepConfig(**config)
@@ -364,7 +369,7 @@ class DRMGFStep(GradientMethod):
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
         if self.cfg.mode == "branch":
             total = sum(losses[t] for t in self.tasks)
-            total.backward()  # type: ignore[union-attr]
+            scaled(total, self.grad_scale).backward()  # type: ignore[arg-type]
             return {f"loss/{t}": float(losses[t].detach()) for t in self.tasks}
         plan = self._plan
         if plan is None or (not self._ys and not self._cut and (self.layer_of or plan["cut_at"])):
@@ -399,7 +404,8 @@ class DRMGFStep(GradientMethod):
             wanted = [ys[k] for k in y_idx] + list(cut) + [self.params[n] for n in pnames]
             if not wanted:
                 continue
-            grads = torch.autograd.grad(losses[t], wanted, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(scaled(losses[t], self.grad_scale), wanted,
+                                        retain_graph=True, allow_unused=True)
             with torch.no_grad():  # fold this task's activation gradients in, then drop them
                 for k, g in zip(y_idx, grads[: len(y_idx)]):
                     if g is None:
@@ -420,11 +426,12 @@ class DRMGFStep(GradientMethod):
                     p = self.params[n]
                     p.grad = g.clone() if p.grad is None else p.grad + g
             del grads
-        with torch.no_grad():  # A_t <- ema * A_t + (1 - ema) * score
+        with torch.no_grad():  # A_t <- ema * A_t + (1 - ema) * score (unscaled)
             for name, t, score in scores:
                 a = self.bank.A[_key(name, t)]
                 if a.dim() == 1:
-                    a.mul_(self.ema).add_(score.to(a.dtype), alpha=1 - self.ema)
+                    a.mul_(self.ema).add_(score.to(a.dtype),
+                                          alpha=(1 - self.ema) / self.grad_scale)
         # fused weight gradients, one local autograd call per captured layer output
         for k, g_out in fused.items():
             name = self.layer_of[names[k]]
@@ -467,7 +474,13 @@ class DRMGFStep(GradientMethod):
                 task_losses = recompute()
             total = task_losses[t] + self.cfg.alpha * sum(
                 v for k, v in task_losses.items() if k != t)
-            grads = torch.autograd.grad(total, a_params, allow_unused=True)
+            scale = self.grad_scale  # float16: A's gradient through the scaled loss, unscaled
+            grads: list[Tensor | None] = list(
+                torch.autograd.grad(scaled(total, scale), a_params, allow_unused=True))
+            if scale != 1.0:
+                if not all(torch.isfinite(g).all() for g in grads if g is not None):
+                    continue  # overflow: this task's A step is dropped, as the scaler would
+                grads = [g / scale if g is not None else None for g in grads]
             # under a process group, one all-reduce: the global batch's gradient of A is the
             # mean of the ranks' (the losses are means over equal shares; every rank leaves the
             # same A unused), and the loss rides along so all ranks take the same skip decision
