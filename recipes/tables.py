@@ -1,6 +1,7 @@
 """Tables from a recipe's ``runs.jsonl`` (also of a run still in progress: complete seeds only).
 
     python recipes/tables.py multifashion runs/r1 [runs/r1-seed2 ...]
+    python recipes/tables.py study runs/study/runs.jsonl [--png curves.png]   # recipes/study.py
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def complete_seeds(runs: list[dict[str, Any]], n_methods: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> str:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["study"]:  # the method study's records (95 % CIs, paired tests, curves)
+        import study_tables
+
+        return study_tables.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("recipe", choices=sorted(METRICS))
     p.add_argument("run_dirs", type=Path, nargs="+")
