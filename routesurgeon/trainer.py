@@ -444,6 +444,9 @@ class Trainer:
                 for layer, per in self.surgeon.importance().items()
             }
         self.sync_buffers()
+        end_epoch = getattr(self.method, "end_epoch", None)
+        if end_epoch is not None:  # the method's per-epoch statistics (DWA, STCH), every rank
+            end_epoch()
         self.observer.end_epoch(record)
         self.history.append(record)
         self.epoch += 1

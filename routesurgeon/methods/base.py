@@ -66,6 +66,10 @@ class GradientMethod:
         """Called after ``optimizer.step()`` with the step's (detached) losses; ``recompute``
         gives the same batch's losses under the updated weights (FAMO needs them)."""
 
+    def end_epoch(self) -> None:
+        """Called by ``Trainer.fit_epoch`` at the end of every epoch, on every rank (methods
+        with per-epoch statistics, e.g. ``dwa``, ``stch``); users with their own loop call it."""
+
     def reduce_mean(self, tensors: Sequence[Tensor]) -> None:
         """Average ``tensors`` in place over the data-parallel ranks (one flat all-reduce); a
         no-op in one process. Every rank must pass the same list of shapes."""
