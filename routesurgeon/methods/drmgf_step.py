@@ -46,6 +46,7 @@ from routesurgeon.branches import on_branch_edges
 from routesurgeon.importance import _key
 from routesurgeon.methods.base import GradientMethod
 from routesurgeon.methods.registry import register_method
+from routesurgeon.methods.step_fusion import HypergradientS, fusion_dominance
 from routesurgeon.precision import scaled
 from routesurgeon.topology import node_reach
 
@@ -63,6 +64,11 @@ class DRMGFStepConfig:
     gated_every: int = 1  # gated: learn A every this many steps
     alpha: float = 0.5  # gated: weight of the other tasks' losses
     importance_lr: float = 1e-3  # gated: Adam lr of A
+    # fusion options (``routesurgeon.methods.step_fusion``; measured in docs/results.md)
+    uniform_mix: float = 0.0  # D <- (1 - m) * D + m / T (0: the plain dominance)
+    warmup_steps: int = 0  # equal weights for the first steps while importance is learned
+    learn_s: str | None = None  # "hypergradient": S learned by a one-step hypergradient
+    s_lr: float = 1e-4  # Adam lr of S (learn_s; S starts at RouteConfig.s0 = 1e-3)
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "depth", "branch"):
@@ -78,6 +84,15 @@ class DRMGFStepConfig:
                              f"got {f!r}")
         if self.gated_every < 1:
             raise ValueError(f"gated_every must be >= 1, got {self.gated_every}")
+        if not 0.0 <= self.uniform_mix <= 1.0:
+            raise ValueError(f"uniform_mix must be in [0, 1], got {self.uniform_mix}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.learn_s not in (None, "hypergradient"):
+            raise ValueError(f"learn_s must be None or 'hypergradient', got {self.learn_s!r}")
+        if self.learn_s is not None and self.mode == "branch":
+            raise ValueError("learn_s='hypergradient' needs per-task gradients at the shared "
+                             "layers: use mode='exact' or 'depth'")
 
     @property
     def importance_mode(self) -> str:
@@ -264,6 +279,9 @@ class DRMGFStep(GradientMethod):
                              for t in self.tasks}
         self._imp_opt: torch.optim.Optimizer | None = None
         self._steps = 0
+        self._fused_steps = 0  # backward calls (warm-up)
+        self._hyper = (HypergradientS(bank, self.cfg.s_lr, self.cfg.uniform_mix)
+                       if self.cfg.learn_s == "hypergradient" else None)
 
     # -- graphs ---------------------------------------------------------------------------------
     def _build(self, gm: fx.GraphModule) -> dict[str, Any]:
@@ -388,13 +406,17 @@ class DRMGFStep(GradientMethod):
                 d = self.bank.dominance(name).detach()
                 if d.dim() == 3:
                     d = d.mean(-1)  # connection granularity: filter share
+                d = fusion_dominance(d, self.cfg.uniform_mix,
+                                     self._fused_steps < self.cfg.warmup_steps)
                 linear = isinstance(self.surgeon.model.get_submodule(n), nn.Linear)
                 axes[k] = ys[k].dim() - 1 if linear or ys[k].dim() <= 2 else 1
                 shape = [1] * ys[k].dim()
                 shape[axes[k]] = -1
                 coef[k] = {self.tasks.index(t): (len(tasks) * d[j]).reshape(shape).to(ys[k])
                            for j, t in enumerate(tasks)}
+        self._fused_steps += 1
         fused: dict[int, Tensor] = {}
+        per_task: dict[int, dict[int, Tensor]] = {}  # learn_s: layer -> task -> output grad
         scores: list[tuple[str, str, Tensor]] = []
         cut_grads: list[Tensor | None] = [None] * len(cut)
         for i, t in enumerate(self.tasks):
@@ -410,6 +432,8 @@ class DRMGFStep(GradientMethod):
                 for k, g in zip(y_idx, grads[: len(y_idx)]):
                     if g is None:
                         continue
+                    if self._hyper is not None:
+                        per_task.setdefault(k, {})[i] = g
                     if k in fused:
                         fused[k].addcmul_(g, coef[k][i])
                     else:
@@ -444,12 +468,29 @@ class DRMGFStep(GradientMethod):
             for p, g in zip(ps, wgrads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
+        if self._hyper is not None:
+            self._hyper.step(self._task_weight_grads(ys, names, per_task))
         # below the cut (depth mode): one backward of the summed gradients at the cut
         pairs = [(c, g) for c, g in zip(cut, cut_grads) if g is not None]
         if pairs:
             torch.autograd.backward([c for c, _ in pairs], [g for _, g in pairs])
         self.bank.trained = self.bank.trained or self.importance_mode == "taylor"
         return {f"loss/{t}": float(losses[t].detach()) for t in self.tasks}
+
+    def _task_weight_grads(self, ys: list[Tensor], names: list[str],
+                           per_task: Mapping[int, Mapping[int, Tensor]]
+                           ) -> dict[str, list[Tensor]]:
+        """learn_s: each shared layer's per-task weight gradients (layer task order)."""
+        out: dict[str, list[Tensor]] = {}
+        for k, by_task in per_task.items():
+            name = self.layer_of[names[k]]
+            order = [self.tasks.index(t) for t in self.bank.tasks_of[name]]
+            if not all(i in by_task for i in order):
+                continue
+            w = self.params[name]
+            out[name] = [torch.autograd.grad(ys[k], w, grad_outputs=by_task[i],
+                                             retain_graph=True)[0] for i in order]
+        return out
 
     # -- gated importance learning -----------------------------------------------------------------
     def after_step(self, losses: Mapping[str, Tensor],
@@ -496,10 +537,14 @@ class DRMGFStep(GradientMethod):
 
     def state_dict(self) -> dict[str, Any]:
         return {"imp_opt": self._imp_opt.state_dict() if self._imp_opt else None,
-                "steps": self._steps}
+                "steps": self._steps, "fused_steps": self._fused_steps,
+                "hyper": self._hyper.state_dict() if self._hyper else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._steps = int(state.get("steps", 0))
+        self._fused_steps = int(state.get("fused_steps", 0))
+        if self._hyper is not None and state.get("hyper"):
+            self._hyper.load_state_dict(state["hyper"])
         if state.get("imp_opt"):
             self._imp_opt = torch.optim.Adam(list(self.bank.importance_parameters()),
                                              lr=self.cfg.importance_lr)
