@@ -388,7 +388,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline-min", type=float, help="start no run that would end after it")
     p.add_argument("--estimate", action="store_true",
                    help="time a few steps per method and print the study's cost; train nothing")
-    p.add_argument("--estimate-steps", type=int, default=3)
+    p.add_argument("--estimate-steps", type=int, default=8)
     return p.parse_args(argv)
 
 
