@@ -42,4 +42,10 @@ def get_method_class(name: str) -> Callable[..., Any]:
 
 def _load_builtin_methods() -> None:
     # Imported for their registration side effect; late to avoid import cycles.
-    from routesurgeon.methods import baselines, drmgf, drmgf_step  # noqa: F401
+    from routesurgeon.methods import (  # noqa: F401
+        aggregators,
+        baselines,
+        drmgf,
+        drmgf_step,
+        scalarizers,
+    )
