@@ -231,13 +231,24 @@ def load_splits(study: Study) -> dict[str, Any]:
 
 
 def _autocast(study: Study, method: str) -> contextlib.AbstractContextManager[Any]:
-    if not study.bf16 or method in FP32_ONLY:
+    """bf16 autocast for evaluation (training: the Trainer's ``precision="bf16"``)."""
+    if not study.bf16:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(study.device).type, dtype=torch.bfloat16)
 
 
-#: methods kept in float32 under ``bf16=True`` (their solvers need full precision)
-FP32_ONLY = frozenset({"nash-mtl"})
+def _trainer(surgeon: rs.Surgeon, optimizer: torch.optim.Optimizer, name: str,
+             config: dict[str, Any], study: Study, progress: bool) -> tuple[rs.Trainer, str]:
+    """The trainer of a run and its precision: bf16 where the method allows it (the Trainer's
+    ``precision="bf16"``: autocast forwards, float32 parameters and backward), else float32."""
+    if study.bf16:
+        try:
+            return rs.Trainer(surgeon, optimizer, method=name, config=config, progress=progress,
+                              precision="bf16"), "bf16"
+        except rs.RouteSurgeonError as e:  # the method refuses bf16: say so in the record
+            return (rs.Trainer(surgeon, optimizer, method=name, config=config,
+                               progress=progress), f"fp32 (bf16 refused: {e})")
+    return rs.Trainer(surgeon, optimizer, method=name, config=config, progress=progress), "fp32"
 
 
 def _sync(study: Study) -> None:
@@ -265,7 +276,7 @@ def run_one(study: Study, method: str, seed: int, splits: dict[str, Any], out: P
         name = "equal"
     if name == "drmgf":
         config = {"epochs": study.epochs, **config}
-    trainer = rs.Trainer(surgeon, optimizer, method=name, config=config, progress=progress)
+    trainer, precision = _trainer(surgeon, optimizer, name, config, study, progress)
     train = h.Batches(splits["train"], study.batch_size, True, seed)
     val = h.Batches(splits["val"], 1024, False)
     test = h.Batches(splits["test"], 1024, False)
@@ -279,12 +290,10 @@ def run_one(study: Study, method: str, seed: int, splits: dict[str, Any], out: P
         train.gen.set_state(extra["gen"])
         epochs, cpu_s, wall_s, passes = (extra["epochs"], extra["cpu_s"], extra["wall_s"],
                                          extra["passes"])
-    precision = "bf16" if study.bf16 and name not in FP32_ONLY else "fp32"
     for epoch in range(len(epochs), target_epochs(method, study, phase)):
         _sync(study)
         c0, w0 = time.process_time(), time.perf_counter()
-        with _autocast(study, name):
-            record = trainer.fit_epoch(train, losses)
+        record = trainer.fit_epoch(train, losses)
         _sync(study)
         cpu_s += time.process_time() - c0
         wall_s += time.perf_counter() - w0

@@ -28,16 +28,15 @@ def _step_seconds(study: st.Study, method: str, splits: dict[str, Any], steps: i
     opt = torch.optim.Adam(surgeon.model_parameters(), lr=study.lr)
     if name == "drmgf":
         config = {"epochs": study.epochs, **config}
-    trainer = rs.Trainer(surgeon, opt, method=name, config=config, progress=False)
+    trainer, _ = st._trainer(surgeon, opt, name, config, study, False)
     losses: dict[str, Any] = {t: nn.functional.cross_entropy for t in study.tasks}
     passes = st.passes_per_epoch(method, study)
     clock = _clock(study)
-    with st._autocast(study, name):
-        trainer.fit_epoch(h.Batches(splits["train"], study.batch_size, True, 0, 1), losses)
-        st._sync(study)
-        t0 = clock()
-        trainer.fit_epoch(h.Batches(splits["train"], study.batch_size, True, 1, steps), losses)
-        st._sync(study)
+    trainer.fit_epoch(h.Batches(splits["train"], study.batch_size, True, 0, 1), losses)
+    st._sync(study)
+    t0 = clock()
+    trainer.fit_epoch(h.Batches(splits["train"], study.batch_size, True, 1, steps), losses)
+    st._sync(study)
     return (clock() - t0) / (steps * passes)
 
 

@@ -158,15 +158,15 @@ def test_tables_from_a_small_jsonl(tmp_path: Path) -> None:
 
 
 def test_gpu_preset_tiny_form_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The GPU study's code path (its resnet18, bf16 autocast, data 'resident' on the device),
-    shrunk to seconds on the CPU; nash-mtl stays in float32."""
+    """The GPU study's code path (its resnet18, the Trainer's bf16 precision, data 'resident' on
+    the device), shrunk to seconds on the CPU."""
     with pytest.raises(SystemExit, match="CUDA"):
         if torch.cuda.is_available():
             raise SystemExit("CUDA is here: the refusal is not testable")
         st.main(["--gpu-preset", "--out", str(tmp_path / "x")])
     done = st.main(["--gpu-preset", "--device", "cpu", "--tiny", "--out", str(tmp_path),
                     "--methods", "equal", "drmgf-step", "nash-mtl"])
-    assert [r["precision"] for r in done] == ["bf16", "bf16", "fp32"]
+    assert [r["precision"] for r in done] == ["bf16", "bf16", "bf16"]
     for r in done:
         assert r["config"]["model"] == "resnet18" and r["config"]["bf16"]
         assert all(0.0 <= v <= 1.0 for v in r["final"].values())
