@@ -1,11 +1,14 @@
 #!/bin/sh
 # The method study at a larger budget on one GPU, from one command (docs/results.md):
 # recipe 1, MultiFashion (60k train / 10k val / 10k test canvases), timm resnet18 at 36 px,
-# 30 epochs, batch 512, every method, 3 seeds, data resident on the GPU, bf16 autocast where the
-# method allows (recipes/study.py FP32_ONLY keeps the rest in float32).
+# 30 epochs, batch 512, every method, 3 seeds, data resident on the GPU, the Trainer's
+# precision="bf16" where the method allows it (a refusal is recorded and the run is float32).
+# Sized from an estimate, not a measurement: no GPU was available when it was written; run
+#   .venv/bin/python recipes/study.py --gpu-preset --estimate
+# first on the GPU to see the per-run times.
 #
 #   sh scripts/gpu_study.sh [OUT]          # default OUT: runs/gpu-study
-#   WORKERS=8 sh scripts/gpu_study.sh      # parallel workers sharing the GPU (default 6)
+#   WORKERS=4 sh scripts/gpu_study.sh      # parallel workers sharing the GPU (default 8)
 #
 # The workers share OUT/runs.jsonl (each run claimed by a lock file); none starts a run that the
 # runs so far say would end after DEADLINE_MIN (default 7.5) minutes, so the command ends within
@@ -14,7 +17,7 @@
 set -eu
 PY=${PY:-.venv/bin/python}
 OUT=${1:-runs/gpu-study}
-WORKERS=${WORKERS:-6}
+WORKERS=${WORKERS:-8}
 DEADLINE_MIN=${DEADLINE_MIN:-7.5}
 mkdir -p "$OUT"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script needs one GPU')"
