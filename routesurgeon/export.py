@@ -62,57 +62,53 @@ def task_graph(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Graph, dict[fx.Nod
 
 def outputs_graph(gm: fx.GraphModule, result: fx.Node | Mapping[str, fx.Node]
                   ) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
-    """A copy of ``gm``'s graph returning ``result`` (a node or a dict of nodes), dead code gone."""
+    """A copy of ``gm``'s graph returning ``result`` (a node or a dict of nodes), dead code gone.
+
+    Only what the result needs is copied (what dead code elimination would keep, without copying
+    the rest first): the result's ancestors, the placeholders, and side-effecting nodes with the
+    nodes they read, except assertions on tensors the result does not use (an assertion has no
+    users, so it would keep alive the layers whose shapes it checks: timm asserts feature sizes
+    in later stages, and a route of an early output would still run them).
+    """
+    roots = [result] if isinstance(result, fx.Node) else list(result.values())
+    needed = _ancestors(roots, set())
+    keep = set(needed)
+    for n in gm.graph.nodes:
+        if n in needed or n.op == "output":
+            continue
+        if n.op == "placeholder":
+            keep.add(n)
+        elif n.is_impure():
+            extra = _ancestors([n], needed)
+            if n.target in _ASSERTS and any(
+                    e.op == "call_module" or "rs_dtype" in e.meta for e in extra if e is not n):
+                continue  # an assertion on what the result does not use
+            keep |= extra
     graph = fx.Graph(owning_module=gm)
     env: dict[fx.Node, fx.Node] = {}
     for n in gm.graph.nodes:
-        if n.op == "output":
-            continue
-        env[n] = graph.node_copy(n, lambda a: env[a])
+        if n in keep:
+            env[n] = graph.node_copy(n, lambda a: env[a])
     if isinstance(result, fx.Node):
         graph.output(env[result])
     else:
         graph.output({name: env[n] for name, n in result.items()})
-    graph.eliminate_dead_code()
-    if _drop_foreign_asserts(graph):
-        graph.eliminate_dead_code()
-    alive = set(graph.nodes)
-    return graph, {k: v for k, v in env.items() if v in alive}
+    return graph, env
 
 
 _ASSERTS = tuple(f for f in (torch._assert, getattr(torch, "_assert_async", None),
                              getattr(torch, "_check", None)) if f is not None)
 
 
-def _drop_foreign_asserts(graph: fx.Graph) -> bool:
-    """Drop assertions on tensors the outputs do not use; True when any was dropped.
-
-    An assertion has no users, so dead code elimination keeps it, and with it the layers whose
-    shapes it checks (timm asserts feature sizes in later stages): a route of an early output
-    would still run layers it does not reach. Assertions on what the outputs use (input sizes)
-    stay.
-    """
-    out = next(n for n in reversed(graph.nodes) if n.op == "output")
-    needed = _ancestors([out])
-    dropped = False
-    for n in list(graph.nodes):
-        if n.op != "call_function" or n.target not in _ASSERTS or n.users:
-            continue
-        extra = _ancestors(n.all_input_nodes) - needed
-        if any(e.op == "call_module" or "rs_dtype" in e.meta for e in extra):
-            graph.erase_node(n)
-            dropped = True
-    return dropped
-
-
-def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
+def _ancestors(nodes: Sequence[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they read, not walking into ``stop``."""
     seen: set[fx.Node] = set()
-    stack = list(nodes)
+    stack = [n for n in nodes if n not in stop]
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(a for a in n.all_input_nodes if a not in stop)
     return seen
 
 
