@@ -21,6 +21,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from routesurgeon.channels import ChannelGroups
@@ -64,7 +65,8 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str]:
                 return kind, type(m).__name__
         return "module", type(m).__name__
     name = getattr(node.target, "__name__", str(node.target))
-    if name in ("conv1d", "conv2d", "conv3d"):
+    if name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                "conv_transpose3d"):
         return "conv", name
     if name == "linear":
         return "linear", name
@@ -90,6 +92,10 @@ def _flops(
                 w = params.get(str(wn.target))
         if w is None:
             return 0
+        if kind == "conv" and _transposed(node, modules):
+            # weight (in, out/groups, ...): every input element meets one row of it
+            src = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+            return 2 * math.prod(src[1:]) * math.prod(w.shape[1:]) if src else 0
         fan_in = math.prod(w.shape[1:]) if kind == "conv" else w.shape[1]
         return 2 * per_sample * fan_in
     if node.op in ("call_function", "call_method") and getattr(
@@ -98,6 +104,12 @@ def _flops(
         a = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         return 2 * per_sample * (a[-1] if a else 0)
     return 0
+
+
+def _transposed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], nn.modules.conv._ConvTransposeNd)
+    return node.target in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
 @dataclass(frozen=True)

@@ -224,3 +224,16 @@ def test_layouts_without_a_rule_stay_whole() -> None:
         params = dict(route.named_parameters())
         assert params["emb.weight"].shape == (10, 8)
         assert params["bil.weight"].shape == (6, 8, 8)
+
+
+def test_transposed_conv_flops_count_every_input_element_once() -> None:
+    s = _surgeon(SharedTransposed())
+    layers = {la.name: la for la in s.topology.layers()}
+    m = s.model
+    # a transposed conv multiplies every input element with one (out/groups x kernel) row
+    in_numel = {"up": 16 * 8 * 8, "dw": 8 * 16 * 16, "plain": 16 * 16 * 16,
+                "conv_transpose2d": 12 * 16 * 16}  # the functional one, named by its node
+    weights = {"up": m.up.weight, "dw": m.dw.weight, "plain": m.plain.weight,
+               "conv_transpose2d": m.fw}
+    for name, n_in in in_numel.items():
+        assert layers[name].flops == 2 * n_in * weights[name][0].numel(), name
