@@ -2,7 +2,8 @@
 
 ``routesurgeon inspect timm:resnet50 --heads 3``, ``routesurgeon inspect smp:Unet:resnet34
 --aux-classes 5``, ``routesurgeon export timm:resnet18 --keep 0.5 --out routes/``, ``routesurgeon
-viz timm:resnet50 --out report.html``, ``routesurgeon methods``. ``main(argv)`` returns the exit
+viz timm:resnet50 --out report.html``, ``routesurgeon methods``, ``routesurgeon conflicts
+timm:resnet18 --data synthetic``. ``main(argv)`` returns the exit
 code: 0 on success, 2 on a usage or model error (one line on stderr; ``--debug`` shows the
 traceback), 1 on an unexpected failure.
 """
@@ -14,7 +15,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from routesurgeon.cli import _export, _inspect, _methods, _viz
+from routesurgeon.cli import _conflicts, _export, _inspect, _methods, _viz
 from routesurgeon.cli._inspect import inspect_data as inspect_data
 from routesurgeon.cli._loading import Loaded as Loaded
 from routesurgeon.cli._output import EXIT_FAILURE, EXIT_USAGE, _console
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _export.add_parser(sub, debug)
     _viz.add_parser(sub, debug)
     _methods.add_parser(sub, debug)
+    _conflicts.add_parser(sub, debug)
     return parser
 
 
