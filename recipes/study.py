@@ -124,10 +124,21 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, config
 
 
+#: drmgf-step's fusion options the study runs beside its default (docs/results.md)
+DRMGF_STEP_OPTIONS = ("drmgf-step:uniform_mix=0.5", "drmgf-step:warmup_steps=235",
+                      "drmgf-step:ema=0.99", "drmgf-step:importance=gated")
+#: the learning-rate factors of tuned equal weighting (chosen per seed on validation)
+TUNED_LR_FACTORS = (0.3, 3.0)
+
+
 def all_methods(study: Study) -> list[str]:
+    """The study's runs per seed: single-task nets, every registered method, the tuned-equal
+    learning-rate sweep (``equal:lr=X``) and drmgf-step's fusion options."""
     if study.methods is not None:
         return list(study.methods)
-    return [*(f"single:{t}" for t in study.tasks), *rs.available_methods()]
+    sweep = [f"equal:lr={study.lr * f:g}" for f in TUNED_LR_FACTORS]
+    return [*(f"single:{t}" for t in study.tasks), *rs.available_methods(), *sweep,
+            *DRMGF_STEP_OPTIONS]
 
 
 def passes_per_epoch(method: str, study: Study) -> int:
