@@ -6,6 +6,7 @@ de-conflict baseline, and export one pruned inference route per task.
 
 from routesurgeon._version import __version__
 from routesurgeon.channels import register_channel_rule
+from routesurgeon.criteria import CRITERIA, GroupScores, criterion_scores
 from routesurgeon.errors import (
     CheckpointError,
     CompileError,
@@ -24,6 +25,7 @@ from routesurgeon.methods.drmgf import DRMGFConfig
 from routesurgeon.methods.drmgf_step import DRMGFStepConfig
 from routesurgeon.methods.registry import available_methods, register_method
 from routesurgeon.metrics import MetricSpec, delta_m, delta_m_tasks
+from routesurgeon.recalibrate import recalibrate
 from routesurgeon.report import route_report
 from routesurgeon.routes import RouteInfo
 from routesurgeon.saving import load_route, read_manifest, save_routes
@@ -33,11 +35,13 @@ from routesurgeon.trainer import Trainer
 from routesurgeon.zoo import MultiExit, MultiHead, build_model, multi_exit
 
 __all__ = [
+    "CRITERIA",
     "CheckpointError",
     "CompileError",
     "DRMGFConfig",
     "DRMGFStepConfig",
     "ExportError",
+    "GroupScores",
     "InputError",
     "Layer",
     "LossError",
@@ -58,12 +62,14 @@ __all__ = [
     "__version__",
     "available_methods",
     "build_model",
+    "criterion_scores",
     "delta_m",
     "delta_m_tasks",
     "instrument",
     "load_route",
     "multi_exit",
     "read_manifest",
+    "recalibrate",
     "register_channel_rule",
     "register_method",
     "route_report",

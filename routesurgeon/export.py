@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from routesurgeon.channels import ChannelGroups, Space
+from routesurgeon.criteria import GroupScores
 from routesurgeon.errors import ExportError, InputError, TaskError
 from routesurgeon.routes import RouteInfo, RouteMask, route_mask, union_mask
 
@@ -350,16 +351,19 @@ def _check_one(got: Any, want: torch.Tensor, what: str, tol: float) -> float:
 def _scores_kind(scores: Any) -> str:
     if scores is None or scores == "importance":
         return "importance"
+    if isinstance(scores, GroupScores):
+        return scores.criterion
     return scores if isinstance(scores, str) else "custom"
 
 
 def _finish(route: fx.GraphModule, mask: RouteMask, tasks: tuple[str, ...], err: float,
             inputs: list[Any], keep: float | None, threshold: float | None, scores: Any,
-            tol: float) -> fx.GraphModule:
+            tol: float, select: str = "layer", budget: tuple[str, float] | None = None
+            ) -> fx.GraphModule:
     route.meta_route = mask  # type: ignore[assignment]
     route.meta["routesurgeon"] = RouteInfo(
         mask=mask, tasks=tasks, keep=keep, threshold=threshold, scores=_scores_kind(scores),
-        tol=tol, error=err, example_inputs=tuple(inputs))
+        tol=tol, error=err, example_inputs=tuple(inputs), select=select, budget=budget)
     return route
 
 
@@ -372,13 +376,25 @@ def export_routes(
     verify_inputs: Sequence[Any] | None = None,
     tol: float = 1e-5,
     union: bool = False,
+    select: str = "layer",
+    budget_flops: float | None = None,
+    budget_params: float | None = None,
+    calibration: Iterable[Any] | None = None,
+    calibration_batches: int = 16,
 ) -> dict[str, fx.GraphModule] | fx.GraphModule:
     """Per task a pruned, verified route; with ``union=True`` one graph serving all ``tasks``.
 
     The union keeps a channel if any chosen task's route keeps it, computes what the tasks share
     once and returns ``{task: output}``; each output is verified against its masked reference.
-    Every route carries a ``RouteInfo`` as ``route.meta["routesurgeon"]``.
+    Every route carries a ``RouteInfo`` as ``route.meta["routesurgeon"]``. ``scores``,
+    ``select``, ``budget_flops`` and ``budget_params``: see ``routesurgeon.routes.route_mask``.
+    ``calibration``: batches on which each verified route's norm statistics are then
+    re-estimated (``routesurgeon.recalibrate``, ``calibration_batches`` of them).
     """
+    budget = (("flops", float(budget_flops)) if budget_flops is not None else
+              ("params", float(budget_params)) if budget_params is not None else None)
+    sel: dict[str, Any] = {"select": select, "budget_flops": budget_flops,
+                           "budget_params": budget_params}
     chosen = list(surgeon.tasks) if tasks is None else list(tasks)
     for t in chosen:
         surgeon.topology._check_task(t)
@@ -387,15 +403,27 @@ def export_routes(
     if not chosen:
         raise InputError("export_routes(tasks=[]) asks for no task; pass at least one task name")
     inputs = list(verify_inputs) if verify_inputs is not None else surgeon.example_inputs()
-    masks = {t: route_mask(surgeon, t, keep, threshold, scores) for t in chosen}
+    masks = {t: route_mask(surgeon, t, keep, threshold, scores, **sel) for t in chosen}
     if union:
         mask = union_mask(surgeon, [masks[t] for t in chosen])
         route = prune_graph(surgeon, mask)
         err = verify_route(route, masked_graph(surgeon, mask), inputs, mask.task, tol)
-        return _finish(route, mask, tuple(chosen), err, inputs, keep, threshold, scores, tol)
+        route = _finish(route, mask, tuple(chosen), err, inputs, keep, threshold, scores, tol,
+                        select, budget)
+        return _calibrated(route, calibration, calibration_batches)
     routes: dict[str, fx.GraphModule] = {}
     for t, mask in masks.items():
         route = prune_graph(surgeon, mask)
         err = verify_route(route, masked_graph(surgeon, mask), inputs, t, tol)
-        routes[t] = _finish(route, mask, (t,), err, inputs, keep, threshold, scores, tol)
+        routes[t] = _calibrated(_finish(route, mask, (t,), err, inputs, keep, threshold, scores,
+                                        tol, select, budget), calibration, calibration_batches)
     return routes
+
+
+def _calibrated(route: fx.GraphModule, loader: Iterable[Any] | None, batches: int
+                ) -> fx.GraphModule:
+    if loader is None:
+        return route
+    from routesurgeon.recalibrate import recalibrate
+
+    return cast(fx.GraphModule, recalibrate(route, loader, batches))

@@ -1,9 +1,10 @@
 """Choosing each task's route: which coupled channel groups it keeps.
 
 A task's route keeps every fixed group, every group only that task reaches, and, of the prunable
-groups it shares with other tasks, the best-scoring ``keep`` fraction per layer (or those whose
-score passes ``threshold``). Groups the task does not reach at all are dropped: removing them
-cannot change its output.
+groups it shares with other tasks, the best-scoring ``keep`` fraction per layer (or over the whole
+route, ``select="global"``; or those whose score passes ``threshold``; or as many as a FLOPs or
+parameter budget allows). Scores come from a criterion (``routesurgeon.criteria``). Groups the
+task does not reach at all are dropped: removing them cannot change its output.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from routesurgeon.budgets import cost_model, fit_budget
+from routesurgeon.criteria import CRITERIA, GroupScores, canonical, named_scores, table_scores
 from routesurgeon.errors import InputError, TaskError
+from routesurgeon.selection import SELECTIONS, Selector
 
 if TYPE_CHECKING:
     from routesurgeon.surgeon import Surgeon
@@ -29,10 +33,11 @@ __all__ = [
     "layer_name",
     "magnitude_scores",
     "route_mask",
+    "table_group_scores",
     "union_mask",
 ]
 
-Scores = Union[str, Mapping[str, Mapping[str, Any]], None]  # noqa: UP007 (runtime alias)
+Scores = Union[str, Mapping[str, Mapping[str, Any]], GroupScores, None]  # noqa: UP007
 
 
 def layer_name(gm: fx.GraphModule, node: fx.Node, info: Mapping[str, Any]) -> str:
@@ -67,7 +72,7 @@ def magnitude_scores(surgeon: Surgeon) -> dict[str, dict[str, np.ndarray]]:
         if info["kind"] == "norm":
             continue
         w = gm.get_parameter(info["weight"]).detach()
-        norms = filter_norms(w, info).double().numpy()
+        norms = filter_norms(w, info).double().cpu().numpy()
         out[layer_name(gm, node, info)] = {t: norms for t in surgeon.tasks}
     return out
 
@@ -108,51 +113,24 @@ def _layer_scores(per_task: Mapping[str, Any], task: str, name: str, n: int,
 
 
 def _resolve_scores(surgeon: Surgeon, scores: Scores) -> Mapping[str, Mapping[str, Any]]:
-    if isinstance(scores, str):
-        if scores == "magnitude":
-            return magnitude_scores(surgeon)
-        if scores == "importance":
-            scores = None
-        else:
-            raise InputError(f"unknown scores {scores!r}; use 'importance', 'magnitude' or a dict")
-    if scores is None:
-        learned = surgeon.route_scores() if hasattr(surgeon, "route_scores") else None
-        if not learned:
-            raise InputError(
-                "no importance scores exist yet: train with method='drmgf' or 'drmgf-step' first, "
-                "or pass scores='magnitude' (weight norms) or a dict {layer: {task: scores}}"
-            )
-        return learned
-    return scores
+    """The learned dominance table (``scores=None``); raises when nothing was learned yet."""
+    learned = surgeon.route_scores() if hasattr(surgeon, "route_scores") else None
+    if not learned:
+        raise InputError(
+            "no importance scores exist yet: train with method='drmgf' or 'drmgf-step' first, "
+            "or pass scores='magnitude' (weight norms), another criterion of "
+            "routesurgeon.criteria.CRITERIA, or a dict {layer: {task: scores}}"
+        )
+    return learned
 
 
-def route_mask(
-    surgeon: Surgeon,
-    task: str,
-    keep: float | None = 0.5,
-    threshold: float | None = None,
-    scores: Scores = None,
-) -> RouteMask:
-    """The channel groups ``task`` keeps (see the module docstring)."""
-    if task not in surgeon.tasks:
-        raise TaskError(f"unknown task {task!r}; tasks are {surgeon.tasks}")
-    if threshold is None:
-        if keep is None or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
-            raise InputError(f"keep must be a fraction in (0, 1], got {keep!r}")
-    elif not math.isfinite(float(threshold)):
-        raise InputError(f"threshold must be a finite number, got {threshold!r}")
-    surgeon.check_unchanged()
-    # keep=1.0 keeps every group the task reaches: scores cannot change the route, none needed
-    keep_all = threshold is None and float(keep) >= 1.0  # type: ignore[arg-type]
-    table = {} if keep_all and scores in (None, "importance") else _resolve_scores(surgeon, scores)
+def table_group_scores(surgeon: Surgeon, table: Mapping[str, Mapping[str, Any]], task: str
+                       ) -> np.ndarray:
+    """Per channel group, the mean of ``task``'s per-filter scores in ``table`` over the group's
+    filters (``nan``: no filter of the group is scored)."""
     groups = surgeon.channel_groups
     gm = surgeon.traced.eval_graph
     bit = 1 << surgeon.tasks.index(task)
-    reach = groups.reach
-    n_tasks = np.array([bin(int(b)).count("1") for b in reach])
-    candidate = ~groups.fixed & (reach & bit).astype(bool) & (n_tasks >= 2)
-    pruned = ~groups.fixed & ~(reach & bit).astype(bool)  # groups the task never reaches
-    # per-id score for this task, then the mean over each group's filters
     id_score = np.full(len(groups.labels), np.nan)
     for node, info in groups.layers.items():
         if info["kind"] == "norm":
@@ -172,27 +150,118 @@ def route_mask(
         id_score[info["out"]] = _layer_scores(per_task, task, name, len(info["out"]), reaching)
     sums = np.bincount(groups.labels, weights=np.nan_to_num(id_score), minlength=groups.n_groups)
     counts = np.bincount(groups.labels, weights=~np.isnan(id_score), minlength=groups.n_groups)
-    group_score = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)  # unscored: keep
-    keep_group = np.zeros(groups.n_groups, dtype=bool)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _group_scores(surgeon: Surgeon, scores: Scores) -> GroupScores:
+    if isinstance(scores, GroupScores):
+        return scores
+    if scores is None:
+        return table_scores(surgeon, "learned", _resolve_scores(surgeon, scores))
+    if isinstance(scores, str):
+        name = canonical(scores)
+        if name == "learned":
+            return table_scores(surgeon, name, _resolve_scores(surgeon, None))
+        return named_scores(surgeon, name)
+    if not isinstance(scores, Mapping):
+        raise InputError(f"scores must be a criterion name ({list(CRITERIA)}), a dict "
+                         f"{{layer: {{task: scores}}}} or GroupScores, got {type(scores).__name__}")
+    return table_scores(surgeon, "custom", scores)
+
+
+def _candidates(surgeon: Surgeon, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate, base): the shared prunable groups ``task`` reaches, and those it never does."""
+    groups = surgeon.channel_groups
+    bit = 1 << surgeon.tasks.index(task)
+    reach = groups.reach
+    n_tasks = np.array([bin(int(b)).count("1") for b in reach])
+    reached = (reach & bit).astype(bool)
+    return ~groups.fixed & reached & (n_tasks >= 2), ~groups.fixed & ~reached
+
+
+def _selector(surgeon: Surgeon, task: str, table: GroupScores, select: str) -> Selector:
+    groups = surgeon.channel_groups
+    candidate, base = _candidates(surgeon, task)
+    score = np.nan_to_num(table.of(task, groups.n_groups), nan=np.inf)  # unscored: keep
+    return Selector(groups, candidate, base, score, select)
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0.0 < float(value) <= 1.0):
+        raise InputError(f"{name} must be a fraction in (0, 1], got {value!r}")
+    return float(value)
+
+
+def route_mask(
+    surgeon: Surgeon,
+    task: str,
+    keep: float | None = 0.5,
+    threshold: float | None = None,
+    scores: Scores = None,
+    select: str = "layer",
+    budget_flops: float | None = None,
+    budget_params: float | None = None,
+) -> RouteMask:
+    """The channel groups ``task`` keeps (see the module docstring).
+
+    ``scores``: a criterion name of ``routesurgeon.criteria.CRITERIA`` (default: the learned
+    dominance), a ``{layer: {task: per-filter scores}}`` dict, or ``criterion_scores(...)``.
+    ``select``: ``"layer"`` (keep a fraction of each layer's groups) or ``"global"`` (one
+    ranking over the route, scores normalised per layer). ``budget_flops`` / ``budget_params``:
+    instead of ``keep``, the largest route whose FLOPs per sample / parameters are at most that
+    fraction of the task's unpruned route (an error names the floor when it cannot fit).
+    """
+    if task not in surgeon.tasks:
+        raise TaskError(f"unknown task {task!r}; tasks are {surgeon.tasks}")
+    budgets = {k: v for k, v in (("budget_flops", budget_flops),
+                                 ("budget_params", budget_params)) if v is not None}
+    if len(budgets) > 1:
+        raise InputError("pass one of budget_flops and budget_params, not both")
+    if budgets and threshold is not None:
+        raise InputError("a budget and a threshold both choose how much a route keeps: pass one")
+    if select not in SELECTIONS:
+        raise InputError(f"unknown select {select!r}; use one of {list(SELECTIONS)}")
+    if threshold is None and not budgets:
+        keep = _check_fraction("keep", keep)
+    elif threshold is not None and not math.isfinite(float(threshold)):
+        raise InputError(f"threshold must be a finite number, got {threshold!r}")
+    for k, v in budgets.items():
+        _check_fraction(k, v)
+    surgeon.check_unchanged()
+    groups = surgeon.channel_groups
+    # keep=1.0 keeps every group the task reaches: scores cannot change the route, none needed
+    keep_all = threshold is None and not budgets and float(keep) >= 1.0  # type: ignore[arg-type]
+    if keep_all and scores in (None, "importance", "learned"):
+        table = GroupScores("learned", {task: np.full(groups.n_groups, np.inf)})
+    else:
+        table = _group_scores(surgeon, scores)
+    sel = _selector(surgeon, task, table, select)
+    others = ([_selector(surgeon, t, table, select) for t in surgeon.tasks if t != task]
+              if table.arbitration == "union" else [])
+
+    def pruned_at(level: float) -> np.ndarray:
+        kept = sel.kept(level, threshold)
+        for o in others:  # DiSparse: a shared group stays if any task sharing it keeps it
+            kept |= o.kept(level, threshold)
+        return sel.pruned(kept)
+
+    if budgets:
+        (what, frac), = budgets.items()
+        kind = what.split("_", 1)[1]
+        costs = cost_model(surgeon)
+        full = costs.cost(kind, sel.base, (task,))
+        pruned = fit_budget(pruned_at, lambda p: costs.cost(kind, p, (task,)), full, frac,
+                            what, f"task {task!r}'s route")
+    else:
+        pruned = pruned_at(float(keep) if keep is not None else 1.0)
+    return _mask(surgeon, task, pruned)
+
+
+def _mask(surgeon: Surgeon, task: str, pruned: np.ndarray) -> RouteMask:
+    groups, gm = surgeon.channel_groups, surgeon.traced.eval_graph
     kept: dict[str, np.ndarray] = {}
     channels: dict[str, int] = {}
-    for info in groups.layers.values():
-        if info["kind"] == "norm":
-            continue
-        labels = groups.labels[info["out"]]
-        cand = np.unique(labels[candidate[labels]])
-        if len(cand):
-            sc = group_score[cand]
-            if threshold is not None:
-                chosen = cand[sc >= threshold]
-                if len(chosen) == 0:
-                    chosen = cand[[int(np.argmax(sc))]]
-            else:
-                k = max(1, math.ceil(float(keep) * len(cand)))  # type: ignore[arg-type]
-                chosen = cand[np.argsort(-sc, kind="stable")[:k]]
-            keep_group[chosen] = True
-    pruned |= candidate & ~keep_group
-    _keep_an_input(groups, pruned, candidate, group_score)
     for node, info in groups.layers.items():
         if info["kind"] == "norm":
             continue
@@ -201,31 +270,6 @@ def route_mask(
         kept[name] = np.flatnonzero(~pruned[labels])
         channels[name] = len(labels)
     return RouteMask(task, pruned, kept, channels)
-
-
-def _keep_an_input(groups: Any, pruned: np.ndarray, candidate: np.ndarray,
-                   group_score: np.ndarray) -> None:
-    """A layer the route keeps must keep an input channel: un-prune its best candidate input group.
-
-    Per-layer ``keep`` counts only a layer's *output* groups; an input group (e.g. the one channel
-    a split hands to a branch) can still be dropped whole, leaving a conv with no inputs. Repeat
-    until no kept layer has every input pruned (only un-prunes, so it terminates).
-    """
-    changed = True
-    while changed:
-        changed = False
-        for info in groups.layers.values():
-            if info["kind"] == "norm" or len(info["in"]) == 0:
-                continue
-            if pruned[groups.labels[info["out"]]].all():
-                continue  # the layer is not on the route
-            ins = np.unique(groups.labels[info["in"]])
-            if not pruned[ins].all():
-                continue
-            cand = ins[candidate[ins]]
-            if len(cand):
-                pruned[cand[int(np.argmax(group_score[cand]))]] = False
-                changed = True
 
 
 def union_mask(surgeon: Surgeon, masks: Sequence[RouteMask]) -> RouteMask:
@@ -252,7 +296,10 @@ class RouteInfo:
     tasks: tuple[str, ...]  # the outputs it computes (one, or several for a union)
     keep: float | None
     threshold: float | None
-    scores: str  # "magnitude", "importance" or "custom"
+    scores: str  # the criterion ("importance" = learned, "magnitude", ...) or "custom"
     tol: float  # relative tolerance it was verified to
     error: float  # measured relative error against the masked reference
     example_inputs: tuple[Any, ...]  # the inputs it was verified on (placeholder order)
+    select: str = "layer"  # "layer" or "global" ranking
+    budget: tuple[str, float] | None = None  # ("flops" | "params", fraction) when set
+    recalibrated: int = 0  # batches its norm statistics were re-estimated on after verification

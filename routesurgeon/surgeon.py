@@ -224,9 +224,10 @@ class Surgeon(nn.Module):
         return list(self._example_values)
 
     def route_masks(self, task: str, keep: float | None = 0.5, threshold: float | None = None,
-                    scores: Scores = None) -> RouteMask:
-        """The channels ``task``'s route keeps (see ``routesurgeon.routes``)."""
-        return route_mask(self, task, keep=keep, threshold=threshold, scores=scores)
+                    scores: Scores = None, **selection: Any) -> RouteMask:
+        """The channels ``task``'s route keeps (see ``routesurgeon.routes.route_mask``:
+        ``select=``, ``budget_flops=``, ``budget_params=``)."""
+        return route_mask(self, task, keep=keep, threshold=threshold, scores=scores, **selection)
 
     def masked(self, task: str, keep: float | None = 0.5, threshold: float | None = None,
                scores: Scores = None) -> fx.GraphModule:
@@ -242,14 +243,17 @@ class Surgeon(nn.Module):
         verify_inputs: Sequence[Any] | None = None,
         tol: float = 1e-5,
         union: bool = False,
+        **options: Any,
     ) -> Any:
         """Per task, a pruned standalone GraphModule, verified against its masked reference.
 
         With ``union=True``: one GraphModule returning ``{task: output}`` for ``tasks`` (default
-        all), keeping a channel if any of their routes keeps it (see ``routesurgeon.export``).
+        all), keeping a channel if any of their routes keeps it (see ``routesurgeon.export``;
+        ``options``: ``select``, ``budget_flops``, ``budget_params``, ``calibration``,
+        ``calibration_batches``).
         """
         return export_routes(self, keep=keep, threshold=threshold, scores=scores, tasks=tasks,
-                             verify_inputs=verify_inputs, tol=tol, union=union)
+                             verify_inputs=verify_inputs, tol=tol, union=union, **options)
 
     def route_scores(self) -> dict[str, dict[str, Any]] | None:
         """Learned per-task filter scores; ``None`` before any DR-MGF training step."""

@@ -139,8 +139,8 @@ def test_routes_before_any_scores_exist(net: nn.Module, x: torch.Tensor) -> None
         s.export_routes(keep=0.5)
     with pytest.raises(InputError, match=r"no importance scores exist yet"):
         s.export_routes(keep=0.5, union=True)
-    with pytest.raises(InputError, match=r"unknown scores"):
-        s.export_routes(keep=0.5, scores="random")
+    with pytest.raises(InputError, match=r"unknown criterion 'bogus'; available: \['learned'"):
+        s.export_routes(keep=0.5, scores="bogus")
 
 
 def test_bad_custom_scores(net: nn.Module, x: torch.Tensor) -> None:

@@ -1,0 +1,114 @@
+"""The torch-pruning anchor: what a user gets without routesurgeon's per-task routes.
+
+A per-task model the usual way: copy the model, drop the other heads (here: the task's
+unpruned sub-graph, ``export_routes(keep=1.0, tasks=[task])``, deep-copied so nothing is shared
+with the full model), and prune it with torch-pruning (VainF/Torch-Pruning, the installed
+``torch_pruning`` package) to a FLOPs target: ``MetaPruner`` with ``GroupMagnitudeImportance`` or
+``GroupTaylorImportance`` (gradients of the task loss on one batch before each step), the output
+layers in ``ignored_layers``, uniform per-layer ratios (torch-pruning's default), pruned in small
+iterative steps until the FLOPs per sample are at most the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from routesurgeon.errors import InputError
+from routesurgeon.report import count_flops
+from routesurgeon.routes import layer_name
+
+if TYPE_CHECKING:
+    from routesurgeon.surgeon import Surgeon
+
+__all__ = ["TP_IMPORTANCES", "task_copy", "torch_pruning_route"]
+
+TP_IMPORTANCES = ("magnitude", "taylor")
+
+
+def task_copy(surgeon: Surgeon, task: str) -> fx.GraphModule:
+    """``task``'s sub-network with the other heads dropped, as an independent copy."""
+    from routesurgeon.export import export_routes
+
+    routes = export_routes(surgeon, keep=1.0, tasks=[task])
+    assert isinstance(routes, dict)
+    return copy.deepcopy(routes[task])
+
+
+def _output_layers(surgeon: Surgeon, route: nn.Module) -> list[nn.Module]:
+    """Modules of ``route`` whose output channels are fixed (they reach a model output)."""
+    groups = surgeon.channel_groups
+    gm = surgeon.traced.eval_graph
+    found = []
+    names = dict(route.named_modules())
+    for node, info in groups.layers.items():
+        if info["kind"] == "norm" or node.op != "call_module":
+            continue
+        if groups.fixed[groups.labels[info["out"]]].all():
+            name = layer_name(gm, node, info)
+            if name in names:
+                found.append(names[name])
+    return found
+
+
+def torch_pruning_route(
+    surgeon: Surgeon,
+    task: str,
+    budget_flops: float,
+    importance: str = "magnitude",
+    loader: Iterable[Any] | None = None,
+    loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    steps: int = 60,
+    max_ratio: float = 0.95,
+) -> nn.Module:
+    """A torch-pruning copy of ``task``'s sub-network with at most ``budget_flops`` of its FLOPs.
+
+    ``importance="taylor"`` needs ``loader`` (``(inputs, {task: target})`` batches) and
+    ``loss(output, target)``. Returns the pruned module in eval mode; its FLOPs fraction is
+    ``route.rs_flops_fraction``.
+    """
+    import torch_pruning as tp
+
+    if importance not in TP_IMPORTANCES:
+        raise InputError(f"unknown torch-pruning importance {importance!r}; use one of "
+                         f"{list(TP_IMPORTANCES)}")
+    if not 0.0 < float(budget_flops) <= 1.0:
+        raise InputError(f"budget_flops must be a fraction in (0, 1], got {budget_flops!r}")
+    if importance == "taylor" and (loader is None or loss is None):
+        raise InputError("importance='taylor' needs loader= and loss= (the task's gradients)")
+    model = task_copy(surgeon, task).eval()
+    example = [x[:1] if isinstance(x, torch.Tensor) else x for x in surgeon.example_inputs()]
+    full = count_flops(model, example)
+    target = float(budget_flops) * full
+    imp = (tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude"
+           else tp.importance.GroupTaylorImportance())
+    pruner = tp.pruner.MetaPruner(
+        model, tuple(example) if len(example) > 1 else example[0], importance=imp,
+        pruning_ratio=max_ratio, iterative_steps=steps,
+        ignored_layers=_output_layers(surgeon, model))
+    batches = itertools.cycle(list(itertools.islice(loader, steps))) if loader else None
+    flops = full
+    for _ in range(steps):
+        if flops <= target:
+            break
+        if batches is not None and loss is not None:
+            model.zero_grad(set_to_none=True)
+            x, ys = next(batches)
+            out = model(*(x if isinstance(x, (tuple, list)) else [x]))
+            target_y = ys[task] if isinstance(ys, Mapping) else ys
+            loss(out, target_y).backward()
+        pruner.step()
+        flops = count_flops(model, example)
+    model.zero_grad(set_to_none=True)
+    if flops > target:
+        raise InputError(f"torch-pruning reached {flops / full:.3f} of task {task!r}'s FLOPs "
+                         f"after {steps} steps to ratio {max_ratio}; budget_flops={budget_flops} "
+                         "is below what it prunes")
+    model.rs_flops_fraction = flops / full  # type: ignore[assignment]
+    return model.eval()
