@@ -150,11 +150,13 @@ class Conflicts:
         return out
 
     def as_record(self) -> dict[str, Any]:
-        """JSON-ready: ``{step, epoch, layers, pairs: ["a|b"], cosine: [[...]], norm_ratio}``
-        (None for undefined values); what the history, the report and checkpoints hold."""
+        """JSON-ready: ``{step, epoch, layers, pairs: ["a|b"], layer_tasks, cosine: [[...]],
+        norm_ratio}`` (None for undefined values; ``layer_tasks``: the tasks reaching each
+        layer); what the history, the report and checkpoints hold."""
         return {
             "step": self.step, "epoch": self.epoch, "layers": list(self.layers),
             "pairs": [pair_key(a, b) for a, b in self.pairs],
+            "layer_tasks": [list(self.norms.get(layer, {})) for layer in self.layers],
             "cosine": [[_nan_to_none(float(v)) for v in row] for row in self.cosine.tolist()],
             "norm_ratio": [[_nan_to_none(float(v)) for v in row]
                            for row in self.norm_ratio.tolist()],

@@ -62,6 +62,7 @@ def surgeon_report(
     importance: Mapping[str, Mapping[str, Any]] | None = None,
     title: str | None = None,
     latency_repeats: int = 3,
+    conflicts: Any = None,
 ) -> Path:
     """Write ``surgeon``'s self-contained HTML report to ``path`` and return the path.
 
@@ -74,6 +75,8 @@ def surgeon_report(
             once the surgeon has been trained with DR-MGF, else none.
         title: page title.
         latency_repeats: forwards timed per route (0: no latency column).
+        conflicts: gradient-conflict samples (``surgeon.conflicts(...)``, a list of them or
+            their records); default: those the trainer's history holds (``Trainer(conflicts=)``).
     """
     if importance is None:
         importance = surgeon.route_scores()
@@ -84,4 +87,5 @@ def surgeon_report(
         history=_history(history),
         routes=_routes(surgeon, routes, latency_repeats),
         title=title or f"routesurgeon report · {type(surgeon.model).__name__}",
+        conflicts=conflicts,
     )

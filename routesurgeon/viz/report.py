@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from routesurgeon.topology import Topology
+from routesurgeon.viz._conflict_section import _conflict_section, conflict_samples
 from routesurgeon.viz._context import _build_ctx, _Ctx
 from routesurgeon.viz._graph_section import _graph_section
 from routesurgeon.viz._html import (
@@ -71,6 +72,7 @@ def render_report(
     history: Sequence[Mapping[str, Any]] | None = None,
     routes: Mapping[str, Mapping[str, Any]] | None = None,
     title: str | None = None,
+    conflicts: Any = None,
 ) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     ctx = _build_ctx(topology, importance, history, routes)
@@ -84,6 +86,10 @@ def render_report(
     if imp_html:
         sections.append(imp_html)
         nav.append(("importance", "Importance"))
+    conf_html = _conflict_section(ctx, conflict_samples(ctx.history, conflicts))
+    if conf_html:
+        sections.append(conf_html)
+        nav.append(("conflicts", "Conflicts"))
     tr = _training_section(ctx)
     if tr:
         sections.append(tr)
@@ -140,6 +146,7 @@ def write_report(
     history: Sequence[Mapping[str, Any]] | None = None,
     routes: Mapping[str, Mapping[str, Any]] | None = None,
     title: str | None = None,
+    conflicts: Any = None,
 ) -> Path:
     """Write one self-contained HTML report and return its path.
 
@@ -152,13 +159,17 @@ def write_report(
         routes: optional ``{task: {params, flops, latency_ms, full_params, full_flops,
             full_latency_ms, kept: {layer: n}, channels: {layer: n}}}``.
         title: page title (default "routesurgeon report").
+        conflicts: optional gradient-conflict samples (``routesurgeon.conflicts.Conflicts``
+            or their ``as_record()`` dicts); default: those in the history records
+            (``record["conflicts"]``). Shown as a layer x task-pair heat map over training.
 
     The page needs no network: graphs and charts are inline SVG, the per-channel views are
     drawn by a small inline script onto canvases.
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(topology, importance, history, routes, title), encoding="utf-8")
+    out.write_text(render_report(topology, importance, history, routes, title, conflicts),
+                   encoding="utf-8")
     return out
 
 
