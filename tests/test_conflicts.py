@@ -15,56 +15,16 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import routesurgeon as rs
 from routesurgeon.cli import main
 from routesurgeon.conflicts import ConflictConfig, measure_conflicts, shared_layers
 from routesurgeon.errors import InputError, LossError
-
-TASKS = ["a", "b", "c"]
-
-
-class Net(nn.Module):
-    """A shared conv trunk (with BatchNorm) for all three tasks; a linear layer shared by a and b
-    only, so the pairs with c do not share it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-        self.c2 = nn.Conv2d(6, 8, 3, padding=1)
-        self.ab = nn.Linear(8, 8)
-        self.ha, self.hb, self.hc = nn.Linear(8, 4), nn.Linear(8, 1), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = F.relu(self.c2(F.relu(self.bn(self.c1(x))))).mean((2, 3))
-        u = torch.tanh(self.ab(z))
-        return {"a": self.ha(u), "b": self.hb(u), "c": self.hc(z)}
+from tests.conflictnet import LOSSES, Net, batches, surgeon
 
 
-LOSSES = {"a": F.cross_entropy, "b": lambda o, y: F.mse_loss(o.squeeze(1), y),
-          "c": F.cross_entropy}
-
-
-def _batches(n: int = 3, size: int = 6, seed: int = 0) -> list[Any]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.randn(size, 3, 8, 8, generator=g)
-        out.append((x, {"a": torch.randint(0, 4, (size,), generator=g),
-                        "b": torch.randn(size, generator=g),
-                        "c": torch.randint(0, 3, (size,), generator=g)}))
-    return out
-
-
-def _surgeon(seed: int = 0) -> rs.Surgeon:
-    torch.manual_seed(seed)
-    return rs.instrument(Net().train(), torch.randn(2, 3, 8, 8))
-
-
-def _reference(model: nn.Module, batches: list[Any]) -> dict[tuple[str, str, str], tuple]:
+def _reference(model: nn.Module, data: list[Any]) -> dict[tuple[str, str, str], tuple]:
     """Slow and plain: per task and layer, a fresh forward and ``autograd.grad``, float64."""
     layers = {"c1": ("a", "b", "c"), "bn": ("a", "b", "c"), "c2": ("a", "b", "c"),
               "ab": ("a", "b")}
@@ -73,13 +33,13 @@ def _reference(model: nn.Module, batches: list[Any]) -> dict[tuple[str, str, str
         params = list(getattr(model, layer).parameters())
         for t in tasks:
             acc = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
-            for x, y in batches:
+            for x, y in data:
                 state = {k: v.clone() for k, v in model.state_dict().items()}
                 loss = LOSSES[t](model(x)[t], y[t])
                 g = torch.autograd.grad(loss, params)
                 model.load_state_dict(state)  # the BN statistics as they were
                 acc += torch.cat([v.reshape(-1) for v in g]).double()
-            grads[(layer, t)] = acc / len(batches)
+            grads[(layer, t)] = acc / len(data)
     out = {}
     for layer, tasks in layers.items():
         for a, b in itertools.combinations(tasks, 2):
@@ -90,21 +50,21 @@ def _reference(model: nn.Module, batches: list[Any]) -> dict[tuple[str, str, str
 
 
 def test_conflicts_match_per_task_autograd_grad_and_change_nothing() -> None:
-    s = _surgeon()
-    batches = _batches()
+    s = surgeon()
+    data = batches()
     assert [(la.name, la.tasks) for la in shared_layers(s)] == [
         ("c1", ("a", "b", "c")), ("bn", ("a", "b", "c")), ("c2", ("a", "b", "c")),
         ("ab", ("a", "b"))]
     buffers = {k: v.clone() for k, v in s.model.named_buffers()}
     rng = torch.random.get_rng_state()
-    c = s.conflicts(batches, LOSSES)
+    c = s.conflicts(data, LOSSES)
     # nothing the model holds changed: BN statistics, .grad, the RNG
     for k, v in s.model.named_buffers():
         assert torch.equal(v, buffers[k]), k
     assert all(p.grad is None for p in s.model.parameters())
     assert torch.equal(torch.random.get_rng_state(), rng)
 
-    ref = _reference(s.model, batches)
+    ref = _reference(s.model, data)
     assert c.layers == ("c1", "bn", "c2", "ab")
     assert c.pairs == (("a", "b"), ("a", "c"), ("b", "c"))
     for (layer, a, b), (cos, ratio) in ref.items():
@@ -123,16 +83,16 @@ def test_conflicts_match_per_task_autograd_grad_and_change_nothing() -> None:
 
 
 def test_the_trainer_monitor_samples_without_changing_training() -> None:
-    batches = _batches(4)
-    plain = _surgeon(1)
+    data = batches(4)
+    plain = surgeon(1)
     ref = rs.Trainer(plain, torch.optim.SGD(plain.model_parameters(), lr=0.1),
                      method="drmgf-step", progress=False)
-    ref.fit_epoch(batches, LOSSES)
-    s = _surgeon(1)
-    first = s.conflicts(batches[:1], LOSSES)  # before any step
+    ref.fit_epoch(data, LOSSES)
+    s = surgeon(1)
+    first = s.conflicts(data[:1], LOSSES)  # before any step
     tr = rs.Trainer(s, torch.optim.SGD(s.model_parameters(), lr=0.1), method="drmgf-step",
                     conflicts=2, progress=False)
-    rec = tr.fit_epoch(batches, LOSSES)
+    rec = tr.fit_epoch(data, LOSSES)
     for (k, v), w in zip(s.model.state_dict().items(), plain.model.state_dict().values()):
         assert torch.equal(v, w), k  # bit-identical to training without the monitor
     assert [c["step"] for c in rec["conflicts"]] == [0, 2]
@@ -146,20 +106,20 @@ def test_the_trainer_monitor_samples_without_changing_training() -> None:
     tr = rs.Trainer(s, torch.optim.SGD(s.model_parameters(), lr=0.1), method="drmgf",
                     config={"cycle_steps": 2, "s_batches": 1}, conflicts=ConflictConfig(every=3),
                     progress=False)
-    rec = tr.fit_epoch(batches, LOSSES)  # 4 batches drawn from the loader: 0 and 3 sampled
+    rec = tr.fit_epoch(data, LOSSES)  # 4 batches drawn from the loader: 0 and 3 sampled
     assert len(rec["conflicts"]) == 2 and rec["conflicts"][0]["layers"] == list(first.layers)
 
 
 def test_bad_input_is_refused() -> None:
-    s = _surgeon()
+    s = surgeon()
     opt = torch.optim.SGD(s.model_parameters(), lr=0.1)
     with pytest.raises(InputError, match="conflicts must be True, False, None"):
         rs.Trainer(s, opt, conflicts="often", progress=False)
     with pytest.raises(ValueError, match="positive int"):
         ConflictConfig(every=0)
     with pytest.raises(LossError, match=r"missing \['c'\]"):
-        s.conflicts(_batches(1), {k: v for k, v in LOSSES.items() if k != "c"})
-    x, y = _batches(1)[0]
+        s.conflicts(batches(1), {k: v for k, v in LOSSES.items() if k != "c"})
+    x, y = batches(1)[0]
     with pytest.raises(LossError, match="no target for task 'b'"):
         s.conflicts([(x, {"a": y["a"], "c": y["c"]})], LOSSES)
     with pytest.raises(InputError, match="at least one batch"):
@@ -180,8 +140,8 @@ def test_cli_conflicts_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
     vals = [v for row in data["cosine"] for v in row if v is not None]
     assert vals and all(-1 <= v <= 1 for v in vals)
     # a saved batch file with explicit losses; tables name the pairs; JSON is not overwritten
-    s = _surgeon()
-    torch.save(_batches(1), tmp_path / "b.pt")
+    s = surgeon()
+    torch.save(batches(1), tmp_path / "b.pt")
     out = tmp_path / "c.json"
     out.write_text("{}")
     spec = ["conflicts", f"module:{__name__}:_net_spec", "--data", str(tmp_path / "b.pt"),
@@ -192,7 +152,7 @@ def test_cli_conflicts_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
     text = capsys.readouterr().out
     assert "a vs b" in text and "conflicting" in text
     saved = json.loads(out.read_text())
-    ref = s.conflicts(_batches(1), LOSSES)
+    ref = s.conflicts(batches(1), LOSSES)
     assert saved["cosine"] == ref.as_record()["cosine"]
     assert main(["conflicts", f"module:{__name__}:_net_spec", "--data", "nope.pt"]) == 2
     assert "no such file" in capsys.readouterr().err
@@ -205,11 +165,11 @@ def _net_spec() -> Any:
 
 # -- the report ------------------------------------------------------------------------------------
 def _trained_report(tmp: Path) -> tuple[Path, rs.Trainer]:
-    s = _surgeon(2)
+    s = surgeon(2)
     tr = rs.Trainer(s, torch.optim.SGD(s.model_parameters(), lr=0.05), method="pcgrad",
                     conflicts=2, progress=False)
     for _ in range(3):
-        tr.fit_epoch(_batches(4, seed=3), LOSSES)
+        tr.fit_epoch(batches(4, seed=3), LOSSES)
     return s.report(tmp / "report.html", history=tr), tr
 
 
