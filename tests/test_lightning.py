@@ -20,17 +20,16 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-pl = pytest.importorskip("lightning.pytorch")
-timm = pytest.importorskip("timm")
-
-import routesurgeon as rs  # noqa: E402
-from routesurgeon.errors import InputError, LossError  # noqa: E402
-from routesurgeon.lightning import RouteSurgeonModule  # noqa: E402
+import routesurgeon as rs
+from routesurgeon.errors import InputError, LossError
+from routesurgeon.lightning import RouteSurgeonModule
 
 TASKS = ["cls", "aux", "head2"]
 SIZE, STEPS, BATCH = 16, 3, 4

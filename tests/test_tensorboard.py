@@ -8,11 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import (
-    EventAccumulator,
-)
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import routesurgeon as rs
 from routesurgeon.tensorboard import cosine_image

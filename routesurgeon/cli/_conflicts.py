@@ -111,8 +111,8 @@ def _loss_arg(text: str | None, tasks: list[str], default: Mapping[str, str]) ->
 
 def _table(data: dict[str, Any]) -> Table:
     pairs = data["pairs"]
-    table = Table(title=f"{data['model']}: cosine of the task gradients per shared layer "
-                        f"(< 0: the tasks pull apart)")
+    table = Table(title=f"{data['model']}: task-gradient cosine per shared layer",
+                  caption="< 0 (red): the two tasks pull the layer apart")
     table.add_column("layer", style="bold", no_wrap=True)
     for p in pairs:
         table.add_column(p.replace("|", " vs "), justify="right")
