@@ -6,6 +6,7 @@ de-conflict baseline, and export one pruned inference route per task.
 
 from routesurgeon._version import __version__
 from routesurgeon.channels import register_channel_rule
+from routesurgeon.conflicts import ConflictConfig, Conflicts, measure_conflicts
 from routesurgeon.criteria import CRITERIA, GroupScores, criterion_scores
 from routesurgeon.errors import (
     CheckpointError,
@@ -38,6 +39,8 @@ __all__ = [
     "CRITERIA",
     "CheckpointError",
     "CompileError",
+    "ConflictConfig",
+    "Conflicts",
     "DRMGFConfig",
     "DRMGFStepConfig",
     "ExportError",
@@ -67,6 +70,7 @@ __all__ = [
     "delta_m_tasks",
     "instrument",
     "load_route",
+    "measure_conflicts",
     "multi_exit",
     "read_manifest",
     "recalibrate",
