@@ -73,11 +73,14 @@ def fingerprint(*modules: nn.Module) -> list[list[Any]]:
 
 # -- RNG -----------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """The torch, numpy and Python RNG states, in a form ``torch.load(weights_only=True)`` reads."""
+    """The torch (CPU, and every GPU once CUDA is initialised), numpy and Python RNG states, in a
+    form ``torch.load(weights_only=True)`` reads."""
     np_state = np.random.get_state(legacy=True)
     assert isinstance(np_state, tuple)
     return {
         "torch": torch.random.get_rng_state(),
+        "cuda": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                 and torch.cuda.is_initialized() else []),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
@@ -85,6 +88,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []  # absent in older checkpoints
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     py = state["python"]

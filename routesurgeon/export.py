@@ -132,6 +132,8 @@ def masked_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
     gm = surgeon.traced.eval_graph
     groups = surgeon.channel_groups
     graph, env = outputs_graph(gm, _route_outputs(surgeon, mask))
+    first = next(iter(surgeon.model.parameters()), None)
+    dev = first.device if first is not None else None  # the masks go where the model is
     extra: dict[str, Any] = {}
     for old, entries in groups.state.masks_at.items():
         if old not in env:
@@ -145,7 +147,7 @@ def masked_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
             shape = [1] * _rank(old.args[arg_index])
             shape[space.axis] = len(keep)
             name = f"_rs_mask_{len(extra)}"
-            extra[name] = torch.as_tensor(keep, dtype=torch.float32).reshape(shape)
+            extra[name] = torch.as_tensor(keep, dtype=torch.float32, device=dev).reshape(shape)
             with graph.inserting_before(new), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the mask attribute is added by _build below
                 m = graph.get_attr(name)

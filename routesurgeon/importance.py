@@ -344,8 +344,10 @@ class ImportanceBank(nn.Module):
         for name in self.norm_names:
             size = norms[name].shape[0]
             for t in self.norm_tasks[name]:
-                self.S[_key(name, t)] = nn.Parameter(torch.full((size,), cfg.s0))
-                self.S[_key(_bias_of(name), t)] = nn.Parameter(torch.full((size,), cfg.s0))
+                dev = norms[name].device  # the norm's device, as the weights' A and S
+                self.S[_key(name, t)] = nn.Parameter(torch.full((size,), cfg.s0, device=dev))
+                self.S[_key(_bias_of(name), t)] = nn.Parameter(
+                    torch.full((size,), cfg.s0, device=dev))
 
     # -- accessors -----------------------------------------------------------------------------
     def a(self, name: str) -> list[Tensor]:
@@ -441,6 +443,9 @@ class ImportanceBank(nn.Module):
             return {}
         flat = torch.cat([self.A[k].reshape(-1) for k in keys])
         dev = flat.device
+        if pos.device != dev:  # the index plan moved once to A's device (a GPU), not per call
+            pos, own_sel, own_pos, denom = (t.to(dev) for t in (pos, own_sel, own_pos, denom))
+            plans[task] = (names, keys, pos, own_sel, own_pos, denom, sizes, total)
         p = lrn(flat, self.cfg.beta, self.cfg.gamma)  # 1-D: each filter by its own magnitude
         summed = torch.zeros(total, dtype=p.dtype, device=dev).index_add(0, pos.to(dev), p)
         own = p.index_select(0, own_sel.to(dev))

@@ -1,4 +1,4 @@
-"""What each route costs: parameters, FLOPs and measured CPU latency against the full model.
+"""What each route costs: parameters, FLOPs and measured latency against the full model.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix
 products, 2 FLOPs per multiply-add; elementwise ops are not counted). Latency is the median of
@@ -46,13 +46,19 @@ def measure_latency(modules: Mapping[str, nn.Module], inputs: Sequence[Any], rep
 
     ``clock="wall"`` times with ``time.perf_counter``; ``clock="cpu"`` with ``time.process_time``
     (CPU time of this process, all its threads): on a machine shared with other work it is not
-    inflated by waiting for a core, so ratios between modules stay comparable.
+    inflated by waiting for a core, so ratios between modules stay comparable. With inputs on a
+    GPU every forward is timed between two ``torch.cuda.synchronize`` (the kernels, not their
+    launch); ``clock="cpu"`` is then refused (the GPU's time is not the process's CPU time).
     """
     if repeats < 1 or warmup < 0:
         raise InputError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
     if clock not in clocks:
         raise InputError(f"clock must be one of {sorted(clocks)}, got {clock!r}")
+    dev = input_device(inputs)
+    if dev.type != "cpu" and clock == "cpu":
+        raise InputError(f"clock='cpu' cannot time forwards on {dev}; use clock='wall'")
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     now = clocks[clock]
     times: dict[str, list[float]] = {name: [] for name in modules}
     with torch.no_grad():
@@ -61,10 +67,28 @@ def measure_latency(modules: Mapping[str, nn.Module], inputs: Sequence[Any], rep
                 m(*inputs)
         for _ in range(repeats):
             for name, m in modules.items():
+                sync()
                 t0 = now()
                 m(*inputs)
+                sync()
                 times[name].append((now() - t0) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def input_device(inputs: Sequence[Any]) -> torch.device:
+    """The device of the first tensor in ``inputs`` (CPU when there is none)."""
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """``"cpu"``, or e.g. ``"cuda:0 (NVIDIA H200)"``: what latency numbers were measured on."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
 
 
 def route_report(
@@ -78,9 +102,11 @@ def route_report(
     """One row per route, the union (if given) and the full multi-output model.
 
     Each row: ``name``, ``kind`` (``full``/``route``/``union``), ``params``, ``flops``,
-    ``latency_ms`` and the fractions ``params_frac``, ``flops_frac``, ``latency_ratio`` of the
-    full model's. The full model is the traced graph of the user's model in eval mode (it computes
-    exactly what the model computes; every task's output at once).
+    ``latency_ms`` (measured on ``device``, named in each row: ``"cpu"`` or
+    ``"cuda:0 (<GPU name>)"``) and the fractions ``params_frac``, ``flops_frac``,
+    ``latency_ratio`` of the full model's. The full model is the traced graph of the user's
+    model in eval mode (it computes exactly what the model computes; every task's output at
+    once).
     """
     if not routes and union is None:
         raise InputError("route_report needs at least one route or a union route")
@@ -103,6 +129,7 @@ def route_report(
         for name, (_, m) in named.items():
             m.train(was_training[name])
     params = {n: count_params(surgeon.model if k == "full" else m) for n, (k, m) in named.items()}
+    device = device_name(input_device(xs))
     rows = []
     for name, (kind, _) in named.items():
         rows.append({
@@ -114,6 +141,7 @@ def route_report(
             "params_frac": params[name] / max(params["full"], 1),
             "flops_frac": flops[name] / max(flops["full"], 1),
             "latency_ratio": latency[name] / latency["full"],
+            "device": device,
         })
     return rows
 

@@ -74,7 +74,7 @@ def _max_rel(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float
     for g, w in zip(got, want):
         if tuple(g.shape) != tuple(w.shape):
             raise CheckpointError(f"output shape {tuple(g.shape)} where {tuple(w.shape)} was saved")
-        errs.append(relative_error(g, w))
+        errs.append(relative_error(g.detach().cpu(), w.detach().cpu()))  # any device
     return max(errs, default=0.0)
 
 
@@ -119,7 +119,7 @@ def _export_onnx(program: Any, route: fx.GraphModule, inputs: tuple[Any, ...],
     try:
         onnx_route = OnnxRoute(path, pytree.tree_flatten(want)[1])
         got = onnx_route.session.run(None, {
-            i.name: x.detach().numpy()
+            i.name: x.detach().cpu().numpy()
             for i, x in zip(onnx_route.session.get_inputs(),
                             [x for x in inputs if isinstance(x, torch.Tensor)])
         })
@@ -295,9 +295,13 @@ def _checked_file(d: Path, manifest: Mapping[str, Any], key: str) -> Path:
 
 
 def load_route(directory: str | Path, name: str | None = None, format: str = "pt",
-               verify: bool = True) -> Any:
+               verify: bool = True, device: str | torch.device | None = None) -> Any:
     """Load a saved route in ``format`` (``pt``: GraphModule, ``pt2``: ``ExportedProgram``'s
     module, ``onnx``: ``OnnxRoute``), after checking its manifest and file hashes.
+
+    ``device``: where the route's weights (and the check inputs) go, e.g. ``"cpu"`` for a route
+    saved from a GPU on a machine without one; default: where they were saved. ONNX routes run
+    on onnxruntime's CPU provider.
 
     With ``verify`` the loaded route must reproduce the saved outputs on the saved inputs within
     the manifest's tolerance (``CheckpointError`` otherwise).
@@ -308,17 +312,24 @@ def load_route(directory: str | Path, name: str | None = None, format: str = "pt
     manifest = read_manifest(d)
     path = _checked_file(d, manifest, format)
     if format == "pt":
-        route: Any = torch.load(path, weights_only=False)
+        route: Any = torch.load(path, weights_only=False, map_location=device)
         route.eval()
     elif format == "pt2":
-        route = torch.export.load(str(path)).module()
+        program = torch.export.load(str(path))
+        if device is not None:
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, device)
+        route = program.module()
     else:
         if manifest["files"]["onnx"].get("status") != "verified":
             raise CheckpointError(f"{path} was saved but not verified by onnxruntime: "
                                   f"{manifest['files']['onnx'].get('error')}")
         route = OnnxRoute(path, pytree.treespec_loads(manifest["output_spec"]))
     if verify:
-        check = torch.load(_checked_file(d, manifest, "check"), weights_only=True)
+        where = "cpu" if format == "onnx" else device
+        check = torch.load(_checked_file(d, manifest, "check"), weights_only=True,
+                           map_location=where)
         with torch.no_grad():
             got = pytree.tree_leaves(route(*check["inputs"]))
         err = _max_rel(got, check["outputs"])

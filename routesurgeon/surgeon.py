@@ -359,9 +359,10 @@ def instrument(
                 assert_same_outputs(expected, got, "eval mode")
         if verify and traced.dual:
             with mode(model, True):
-                state = torch.random.get_rng_state()
-                got = traced.train_graph(*args, **kwargs)
-                torch.random.set_rng_state(state)
+                cuda = sorted({p.device.index or 0 for p in model.parameters()
+                               if p.device.type == "cuda"})
+                with torch.random.fork_rng(devices=cuda):  # the same CPU and GPU draws (dropout)
+                    got = traced.train_graph(*args, **kwargs)
                 expected = model(*args, **kwargs)
                 assert_same_outputs(expected, got, "train mode")
     clock.lap("verify")

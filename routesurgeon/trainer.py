@@ -11,6 +11,8 @@ Numerical guards: a non-finite task loss, gradient or importance/scale value ski
 anything is written (counted in ``skipped`` and the history); ``max_nonfinite`` consecutive skips
 stop the run with a ``LossError`` naming the task and the layer.
 Data parallel: see ``routesurgeon.distributed`` (the trainer detects an initialised process group).
+Compiled: ``compile=True`` (or a mode, or options) compiles the graph the method runs forward;
+see ``routesurgeon.compile``.
 Mixed precision: ``precision="bf16"`` or ``"fp16"`` (with a ``torch.amp.GradScaler``, made or
 given as ``scaler=``); see ``routesurgeon.precision``. In your own loop compute the losses under
 ``with trainer.autocast():`` and step with ``trainer.optimizer_step()``.
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from routesurgeon import checkpoint as ckpt
+from routesurgeon import compile as rscompile
 from routesurgeon import distributed as rsdist
 from routesurgeon import precision as rsprec
 from routesurgeon.errors import CheckpointError, LossError
@@ -114,6 +117,7 @@ class Trainer:
         progress: bool = True,
         precision: str | int = "32",
         scaler: torch.amp.GradScaler | None = None,
+        compile: bool | str | Mapping[str, Any] | rscompile.CompileConfig | None = False,
         conflicts: Any = None,
         log_dir: str | None = None,
     ) -> None:
@@ -141,6 +145,11 @@ class Trainer:
         self.scaler = rsprec.check_scaler(self.precision, scaler)
         self.overflow_skipped = 0  # fp16 steps the GradScaler skipped (scaled gradient overflow)
         self._unscaled = False  # the scaler unscaled .grad since its last update()
+        self.compile = rscompile.resolve_compile(compile)  # see routesurgeon.compile
+        if self.compile is not None:
+            rscompile.check_method(self.method, self.method_name, self.compile)
+            self.method.compiler = self.compile
+        self._compiled: dict[int, Any] = {}
         self.max_nonfinite = max_nonfinite
         self.progress = progress
         self.history: list[dict[str, Any]] = []
@@ -232,6 +241,9 @@ class Trainer:
         fwd = getattr(self.method, "forward", None)
         with self.autocast():
             if fwd is None:
+                if self.compile is not None and self.surgeon._active_task is None:
+                    return rscompile.compiled_forward(self.surgeon, self._compiled, self.compile,
+                                                      args, kwargs)
                 return self.surgeon(*args, **kwargs)
             check_call_inputs(self.surgeon.model, self.surgeon._example_meta, args, kwargs)
             return fwd(*args, **kwargs)

@@ -105,7 +105,8 @@ def _cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
         out,
         f"FLOPs per forward on input "
         f"{', '.join('x'.join(map(str, sh)) for sh in loaded.input_shapes)} (2 x MACs); "
-        f"latency: median of {args.latency_repeats} CPU forwards",
+        f"latency: median of {args.latency_repeats} forwards on "
+        f"{rows[0]['device'] if rows else 'cpu'}",
     )
     for name, manifest in manifests.items():
         _line(out, f"saved {name}: {manifest.parent}")

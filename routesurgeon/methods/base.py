@@ -47,6 +47,9 @@ class GradientMethod:
     grad_scale: float = 1.0
     #: Set by the ``Trainer``: the autocast dtype of the forward (None in full precision).
     autocast_dtype: torch.dtype | None = None
+    #: Set by the ``Trainer`` under ``compile=``: compiles a graph the method runs forward
+    #: (``routesurgeon.compile.CompileConfig``); None: eager.
+    compiler: Callable[[Any], Callable[..., Any]] | None = None
     #: Installed by the ``Trainer`` under torch.distributed: averages tensors over ranks in place.
     reducer: Callable[[Sequence[Tensor]], None] | None = None
 
@@ -55,6 +58,14 @@ class GradientMethod:
             raise TypeError(f"{type(self).__name__} got unknown options: {sorted(config)}")
         self.context = context
         self.tasks = list(context.tasks)
+
+    def compile_unsupported(self, cfg: Any) -> str | None:
+        """Why this method cannot train under the compile config ``cfg`` (None: it can). A
+        method without a forward of its own trains through the trainer's compiled graph."""
+        if hasattr(self, "forward"):
+            return ("it runs its own forward and does not declare how it is compiled (override "
+                    "compile_unsupported and compile its graph with self.compiler)")
+        return None
 
     # -- the step -------------------------------------------------------------------------
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:

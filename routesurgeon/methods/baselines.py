@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from routesurgeon.branches import on_branch_edges
+from routesurgeon.compile import cuda_graph_reason
 from routesurgeon.methods.base import GradientMethod, stack_losses
 from routesurgeon.methods.registry import register_method
 from routesurgeon.precision import scaled
@@ -175,6 +176,9 @@ class AggregatorMethod(GradientMethod):
     def make_aggregator(self, n_tasks: int) -> Any:
         raise NotImplementedError
 
+    def compile_unsupported(self, cfg: Any) -> str | None:
+        return cuda_graph_reason(cfg)  # one forward, T backward passes (the Jacobian's rows)
+
     def __init__(self, context: Any, **config: Any) -> None:
         super().__init__(context)
         self.options = config
@@ -193,8 +197,9 @@ class AggregatorMethod(GradientMethod):
             stacked.sum().backward(inputs=self.exclusive, retain_graph=bool(self.shared))
         if self.shared:
             # under autocast the Jacobian's rows are computed one by one: vmap's batched
-            # backward of a BatchNorm with 16-bit input and float32 weight raises a dtype error
-            chunk = 1 if self.autocast_dtype is not None else None
+            # backward of a BatchNorm with 16-bit input and float32 weight raises a dtype error;
+            # so under compile: vmap cannot batch AOTAutograd's compiled backward
+            chunk = 1 if self.autocast_dtype is not None or self.compiler is not None else None
             backward(list(stacked.unbind()), inputs=self.shared, parallel_chunk_size=chunk)
         if self.distributed:  # the per-task gradients of the global batch, on every rank
             self.reduce_mean([*(p.jac for p in self.shared),  # type: ignore[attr-defined]
@@ -293,14 +298,18 @@ class GradientEquilibrium(GradientMethod):
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self.surgeon = context
-        self._graphs: dict[bool, fx.GraphModule] = {}
+        self._graphs: dict[bool, Callable[..., Any]] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         s = self.surgeon
         if s.training not in self._graphs:
             gm = s.graph_module
-            self._graphs[s.training] = equilibrium_graph(gm, node_reach(gm.graph, s.outputs))
+            eq = equilibrium_graph(gm, node_reach(gm.graph, s.outputs))
+            self._graphs[s.training] = self.compiler(eq) if self.compiler is not None else eq
         return self._graphs[s.training](*args, **kwargs)
+
+    def compile_unsupported(self, cfg: Any) -> str | None:
+        return None  # one forward and one backward through the compiled equilibrium graph
 
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
         total = stack_losses(self.tasks, losses).sum()

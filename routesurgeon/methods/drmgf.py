@@ -90,6 +90,13 @@ class DRMGF:
     def parameters(self) -> list[nn.Parameter]:
         return []
 
+    def compile_unsupported(self, cfg: Any) -> str | None:
+        return ("its disentanglement passes run each task's gated forward through "
+                "torch.func.functional_call with that task's gates, and its fusion pass a "
+                "functional call over weights rewritten in place every batch: compiled, it "
+                "would recompile per task and per batch. Train drmgf eagerly, or use "
+                "method='drmgf-step', which compiles")
+
     def after_step(self, losses: Mapping[str, Tensor], recompute: Any = None) -> None:
         pass
 

@@ -43,6 +43,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from routesurgeon.branches import on_branch_edges
+from routesurgeon.compile import cuda_graph_reason, eager_nodes
 from routesurgeon.importance import _key
 from routesurgeon.methods.base import GradientMethod
 from routesurgeon.methods.registry import register_method
@@ -109,6 +110,9 @@ def _cut_identity(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return type(value)(_cut_identity(v) for v in value)
     return value
+
+
+_cut_identity_eager = torch.compiler.disable(_cut_identity)
 
 
 def capture_graph(gm: fx.GraphModule, module_paths: set[str], cut: set[str] | None = None,
@@ -312,8 +316,17 @@ class DRMGFStep(GradientMethod):
             raise NotImplementedError(
                 f"drmgf-step mode='depth': parameters {sorted(both)[:3]} are used on both sides "
                 f"of the cut at per_task_from={self.cfg.per_task_from!r}; choose another cut")
-        return {"gm": g, "names": names, "cut_names": cut_names, "upper_params": upper_params,
-                "cut_at": cut_at}
+        run = (self.compiler(eager_nodes(g, set(names), {_cut_identity: _cut_identity_eager}))
+               if self.compiler is not None else g)
+        return {"gm": g, "run": run, "names": names, "cut_names": cut_names,
+                "upper_params": upper_params, "cut_at": cut_at}
+
+    def compile_unsupported(self, cfg: Any) -> str | None:
+        if self.cfg.mode == "branch":
+            return ("mode='branch' re-assigns its per-channel branch scales (tensors on "
+                    "EdgeScale modules) every step, which recompiles the graph each step; use "
+                    "mode='exact' or 'depth'")
+        return cuda_graph_reason(cfg)  # one forward, a backward per task
 
     def _cut_index(self, nodes: list[fx.Node], layers: list[fx.Node],
                    index: Mapping[fx.Node, int]) -> int:
@@ -354,7 +367,7 @@ class DRMGFStep(GradientMethod):
         if self.cfg.mode == "branch":
             self._set_edge_weights(plan)
             return plan["gm"](*args, **kwargs)
-        out, ys, cut = plan["gm"](*args, **kwargs)
+        out, ys, cut = plan["run"](*args, **kwargs)
         flat = [leaf for v in cut for leaf in (v if isinstance(v, tuple | list) else (v,))]
         self._ys = list(ys)
         self._cut = [c for c in flat if isinstance(c, Tensor) and c.requires_grad]
