@@ -214,8 +214,9 @@ def measure_conflicts(surgeon: Surgeon, batches: Iterable[Any], loss_fns: Mappin
     layers = list(shared_layers(surgeon) if layers is None else layers)
     named = dict(surgeon.model.named_parameters())
     per_task = {t: [p for la in layers if t in la.tasks for p in la.params] for t in tasks}
-    sums = {t: [torch.zeros_like(named[p], dtype=torch.float64) for p in per_task[t]]
-            for t in tasks}
+    # per task, the summed gradient of each of its shared parameters (None: zero so far); the
+    # first batch's gradients are kept as autograd returns them, later ones added in place
+    sums: dict[str, list[Tensor | None]] = {t: [None] * len(per_task[t]) for t in tasks}
     was = surgeon.training
     buffers = {k: v.detach().clone() for k, v in surgeon.model.named_buffers()}
     rng = torch.random.get_rng_state()
@@ -230,9 +231,12 @@ def measure_conflicts(surgeon: Surgeon, batches: Iterable[Any], loss_fns: Mappin
                     params = [named[p] for p in per_task[t]]
                     grads = torch.autograd.grad(losses[t], params, retain_graph=i < len(live) - 1,
                                                 allow_unused=True)
-                    for acc, g in zip(sums[t], grads):
-                        if g is not None:
-                            acc.add_(g.detach())
+                    acc = sums[t]
+                    for k, g in enumerate(grads):
+                        if g is None:
+                            continue
+                        prev = acc[k]
+                        acc[k] = g.detach() if prev is None else prev.add_(g)
             count += 1
     finally:
         surgeon.train(was)
@@ -242,17 +246,39 @@ def measure_conflicts(surgeon: Surgeon, batches: Iterable[Any], loss_fns: Mappin
         torch.random.set_rng_state(rng)
     if count == 0:
         raise InputError("measure_conflicts needs at least one batch (inputs, {task: target})")
-    flat = [g for t in tasks for g in sums[t]]
-    for g in flat:
-        g.div_(count)
+    grads_of: dict[str, list[Tensor]] = {}
+    for t in tasks:
+        grads_of[t] = [torch.zeros_like(named[p]) if g is None else g
+                       for p, g in zip(per_task[t], sums[t])]
+        if count > 1:
+            torch._foreach_div_(grads_of[t], float(count))
     if reduce is not None:
-        reduce(flat)
-    return _figures(layers, tasks, per_task, sums, step, epoch)
+        reduce([g for t in tasks for g in grads_of[t]])
+    return _figures(layers, tasks, per_task, grads_of, step, epoch)
+
+
+_CHUNK = 1 << 13
+
+
+def _gram(per_param: Sequence[Sequence[Tensor]]) -> Tensor:
+    """The (k x k) float64 Gram matrix of k task gradients given per parameter: in chunks of
+    ``_CHUNK`` elements, each chunk's products summed in the gradients' dtype (one small matmul),
+    the chunks summed in float64 (accurate to ~1e-7 relative without a float64 copy)."""
+    k = len(per_param[0])
+    acc = torch.zeros(k, k, dtype=torch.float64, device=per_param[0][0].device)
+    for vs in per_param:
+        flat = [v.reshape(-1) for v in vs]
+        m = flat[0].numel()
+        for start in range(0, m, _CHUNK):
+            block = torch.stack([v[start:start + _CHUNK] for v in flat])
+            acc += (block @ block.T).double()
+    return acc.cpu()
 
 
 def _figures(layers: Sequence[SharedLayer], tasks: Sequence[str],
-             per_task: Mapping[str, list[str]], sums: Mapping[str, list[Tensor]],
+             per_task: Mapping[str, list[str]], grads: Mapping[str, list[Tensor]],
              step: int | None, epoch: int | None) -> Conflicts:
+    """Cosines and norm ratios from each layer's Gram matrix of the task gradients."""
     pairs = tuple(itertools.combinations(tasks, 2))
     col = {p: j for j, p in enumerate(pairs)}
     cos = torch.full((len(layers), len(pairs)), float("nan"), dtype=torch.float64)
@@ -260,16 +286,14 @@ def _figures(layers: Sequence[SharedLayer], tasks: Sequence[str],
     index = {t: {p: i for i, p in enumerate(per_task[t])} for t in tasks}
     norms: dict[str, dict[str, float]] = {}
     for li, la in enumerate(layers):
-        vecs = torch.stack([torch.cat([sums[t][index[t][p]].reshape(-1) for p in la.params])
-                            for t in la.tasks])
-        gram = vecs @ vecs.T
+        gram = _gram([[grads[t][index[t][p]] for t in la.tasks] for p in la.params])
         n = gram.diagonal().clamp_min(0).sqrt()
         norms[la.name] = {t: float(n[i]) for i, t in enumerate(la.tasks)}
-        for (i, a), (k, b) in itertools.combinations(enumerate(la.tasks), 2):
+        for (i, a), (m, b) in itertools.combinations(enumerate(la.tasks), 2):
             j = col[(a, b)]
-            if n[i] > 0 and n[k] > 0:
-                cos[li, j] = (gram[i, k] / (n[i] * n[k])).clamp(-1.0, 1.0)
-                ratio[li, j] = n[i] / n[k]
+            if n[i] > 0 and n[m] > 0:
+                cos[li, j] = (gram[i, m] / (n[i] * n[m])).clamp(-1.0, 1.0)
+                ratio[li, j] = n[i] / n[m]
     return Conflicts(tuple(la.name for la in layers), pairs, cos, ratio, norms, step, epoch)
 
 
