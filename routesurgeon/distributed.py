@@ -8,10 +8,10 @@ ways, which the method declares (``sync_mode``):
 
 - ``"gradients"``: the method's gradient is linear in the per-task gradients once its loss-derived
   coefficients are global (``equal``, ``uncertainty``, ``famo``, ``imta-ge``, ``drmgf``,
-  ``drmgf-step``): one flat all-reduce of the *fused gradients* of every parameter the optimizers
+  ``drmgf-step``, ``dwa``, ``rlw``, ``stch``, ``geometric-mean``): one flat all-reduce of the *fused gradients* of every parameter the optimizers
   hold, plus the importance variables when the method updates them in its backward.
 - ``"jacobian"``: a non-linear aggregator (``pcgrad``, ``cagrad``, ``nash-mtl``, ``upgrad``,
-  ``mgda``, ``imtl-g``): the method all-reduces its T x shared-parameter Jacobian (and the
+  ``mgda``, ``imtl-g`` and those of ``methods/aggregators.py``): the method all-reduces its T x shared-parameter Jacobian (and the
   exclusive parameters' gradients) once per step through the reducer the trainer installs, then
   aggregates identically on every rank; nothing else is reduced.
 
