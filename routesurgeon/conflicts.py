@@ -232,11 +232,11 @@ def measure_conflicts(surgeon: Surgeon, batches: Iterable[Any], loss_fns: Mappin
                     grads = torch.autograd.grad(losses[t], params, retain_graph=i < len(live) - 1,
                                                 allow_unused=True)
                     acc = sums[t]
-                    for k, g in enumerate(grads):
+                    for pi, g in enumerate(grads):
                         if g is None:
                             continue
-                        prev = acc[k]
-                        acc[k] = g.detach() if prev is None else prev.add_(g)
+                        prev = acc[pi]
+                        acc[pi] = g.detach() if prev is None else prev.add_(g)
             count += 1
     finally:
         surgeon.train(was)
