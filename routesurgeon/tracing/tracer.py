@@ -62,6 +62,10 @@ class RouteTracer(fx.Tracer):
         # on the mode): the graph is only valid for the mode it was traced in
         self.leaf_specialized = False
         self._code_cache: dict[CodeType, tuple[list[int], list[str], list[Any]]] = {}
+        # > 0 while an op's concrete value is computed: module calls and attribute reads then
+        # run as they would untraced (cheaper than undoing fx's patches of nn.Module, which
+        # makes CPython invalidate the type caches of every Module subclass, twice per op)
+        self._computing = 0
 
     # -- leaves ------------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -95,6 +99,8 @@ class RouteTracer(fx.Tracer):
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """fx's parameter/buffer lookup with a name table (fx scans all parameters per access)."""
+        if self._computing:
+            return attr_val
         name = self._names.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
         if name is None or not (
             isinstance(attr_val, nn.Parameter) or self.proxy_buffer_attributes
@@ -118,6 +124,8 @@ class RouteTracer(fx.Tracer):
         Hooks often keep Python state keyed by ``x.device`` (timm's ``FeatureHookNet``), so they
         are only traced with concrete values, where ``.device`` is the example's device.
         """
+        if self._computing:
+            return forward(*args, **kwargs)  # nn.Module.__call__ untraced, hooks included
         if not (m._forward_pre_hooks or m._forward_hooks):
             return super().call_module(m, forward, args, kwargs)
         if self.concrete is None:
@@ -169,12 +177,12 @@ class RouteTracer(fx.Tracer):
             return args[0] if args else None
         if kind == "get_attr":
             obj: Any = self.root
-            with _unpatched_modules():  # fx's patched getattr would return a proxy: recursion
+            with self._concrete():  # fx's patched getattr would return a proxy: recursion
                 for part in str(target).split("."):
                     obj = getattr(obj, part)
             return obj
         a, kw = _values(args), _values(kwargs)
-        with torch.no_grad(), _unpatched_modules(), _recording(self.probe, False):
+        with torch.no_grad(), self._concrete(), _recording(self.probe, False):
             if kind == "call_function":
                 return target(*a, **kw)
             if kind == "call_method":
@@ -182,6 +190,15 @@ class RouteTracer(fx.Tracer):
             if kind == "call_module":
                 return self.root.get_submodule(target)(*a, **kw)
         raise AssertionError(kind)
+
+    @contextlib.contextmanager
+    def _concrete(self) -> Iterator[None]:
+        """Run real modules while fx has ``nn.Module.__call__`` patched for tracing."""
+        self._computing += 1
+        try:
+            yield
+        finally:
+            self._computing -= 1
 
     def _specialize(self, what: str, obj: fx.Proxy) -> Any:
         node = obj.node if not isinstance(obj, fx.proxy.Attribute) else obj.root.node
@@ -257,21 +274,6 @@ def _user_frame(frames: traceback.StackSummary) -> str:
         if not any(part in fr.filename for part in _INTERNAL):
             return f"{fr.filename}:{fr.lineno} `{(fr.line or '').strip()}`"
     return ""
-
-
-@contextlib.contextmanager
-def _unpatched_modules() -> Iterator[None]:
-    """Run real modules while fx has ``nn.Module.__call__`` patched for tracing."""
-    from torch.fx import _symbolic_trace as st
-
-    patched_call, patched_getattr = nn.Module.__call__, nn.Module.__getattr__
-    nn.Module.__call__ = st._orig_module_call  # type: ignore[method-assign]
-    nn.Module.__getattr__ = st._orig_module_getattr  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.__call__ = patched_call  # type: ignore[method-assign]
-        nn.Module.__getattr__ = patched_getattr  # type: ignore[method-assign]
 
 
 def _reads_batch_dim(node: fx.Node, what: str, value: Any) -> bool:
