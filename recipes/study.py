@@ -1,10 +1,11 @@
 """The method study: every method, several seeds, full-size data, results appended run by run.
 
-One line per (study, method, seed) run goes to ``OUT/runs.jsonl`` (per-epoch validation and test
-metrics, passes, CPU and wall seconds); a run already there is skipped, so a stopped study resumes
-and a later session extends it (more seeds, methods, or the pass-matched phase). Several worker
-processes may share one ``OUT``: each run is claimed by a lock file first. ``recipes/tables.py
-study OUT/runs.jsonl`` builds the tables (95 % CIs, paired tests, time-to-accuracy curves).
+One line per (study, method, seed) run goes to ``OUT/runs.jsonl`` (per-epoch validation metrics,
+test metrics at the epoch and matched budgets' epochs, passes, CPU and wall seconds); a run
+already there is skipped, so a stopped study resumes and a later session extends it (more seeds,
+methods, or the pass-matched phase). Several worker processes may share one ``OUT``: each run is
+claimed by a lock file first. ``recipes/tables.py study OUT/runs.jsonl`` builds the tables (95 %
+CIs, paired tests, time-to-accuracy curves).
 
 Budget: ``drmgf`` makes T + 1 passes over the data per epoch, so every other method is given
 ``(T + 1) * epochs`` epochs in the ``matched`` phase; the ``epoch`` phase runs ``epochs`` for all.
@@ -301,7 +302,8 @@ def run_one(study: Study, method: str, seed: int, splits: dict[str, Any], out: P
         train.gen.set_state(extra["gen"])
         epochs, cpu_s, wall_s, passes = (extra["epochs"], extra["cpu_s"], extra["wall_s"],
                                          extra["passes"])
-    for epoch in range(len(epochs), target_epochs(method, study, phase)):
+    last = target_epochs(method, study, phase)
+    for epoch in range(len(epochs), last):
         _sync(study)
         c0, w0 = time.process_time(), time.perf_counter()
         record = trainer.fit_epoch(train, losses)
@@ -309,10 +311,13 @@ def run_one(study: Study, method: str, seed: int, splits: dict[str, Any], out: P
         cpu_s += time.process_time() - c0
         wall_s += time.perf_counter() - w0
         passes += float(record.get("passes", 1))
-        with _autocast(study, name):
-            val_m, test_m = (h.evaluate(surgeon, val, recipe), h.evaluate(surgeon, test, recipe))
+        with _autocast(study, name):  # the test set only at the budgets' epochs (CPU time)
+            val_m = h.evaluate(surgeon, val, recipe)
+            test_m = (h.evaluate(surgeon, test, recipe)
+                      if epoch + 1 in (study.epochs, last) else None)
         epochs.append({"epoch": epoch + 1, "passes": passes, "cpu_s": cpu_s, "wall_s": wall_s,
-                       "loss": record.get("losses", {}), "val": val_m, "test": test_m,
+                       "loss": record.get("losses", {}), "val": val_m,
+                       **({"test": test_m} if test_m is not None else {}),
                        **({"polarization": polarization(surgeon)}
                           if surgeon.importance_bank.trained else {})})
         # every epoch: a stopped run continues from here, a matched run extends this one

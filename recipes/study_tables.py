@@ -4,8 +4,8 @@ Per study and budget: every method's test accuracy per task and averaged over ta
 against the single-task nets of the same seed, as mean ± the half-width of the 95 % confidence
 interval (Student t over seeds); the best baseline (chosen on the *validation* split); a paired
 t-test and a Wilcoxon signed-rank test over seeds of each method against it; and
-time-to-accuracy (CPU seconds and passes until the test accuracy first reaches a target), with
-a PNG of the curves.
+time-to-accuracy (CPU seconds and passes until the validation accuracy, measured after every
+epoch, first reaches a target), with a PNG of the curves.
 
 Budgets: ``epoch`` (every method ``epochs`` epochs: drmgf has T + 1 passes per epoch, the others
 1) and ``matched`` (every method drmgf's passes). A record of a matched run also gives its epoch
@@ -146,13 +146,13 @@ def best_baseline(view: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str | 
 
 def time_to_accuracy(records: Sequence[Mapping[str, Any]], study: str, target: float
                      ) -> dict[str, dict[str, float]]:
-    """Per method, the mean over seeds of the CPU seconds and passes until the mean test
+    """Per method, the mean over seeds of the CPU seconds and passes until the mean validation
     accuracy first reaches ``target`` (seeds that never reach it are counted in ``missed``)."""
     out: dict[str, dict[str, float]] = {}
     for m in sorted({r["method"] for r in records if r["study"] == study}):
         cpu, passes, missed = [], [], 0
         for r in (r for r in records if r["study"] == study and r["method"] == m):
-            hit = next((e for e in r["epochs"] if _mean_acc(e["test"]) >= target), None)
+            hit = next((e for e in r["epochs"] if _mean_acc(e["val"]) >= target), None)
             if hit is None:
                 missed += 1
             else:
@@ -210,8 +210,8 @@ def study_markdown(records: Sequence[Mapping[str, Any]], study: str, budget: str
 
 def tta_markdown(records: Sequence[Mapping[str, Any]], study: str, target: float) -> str:
     tta = time_to_accuracy(records, study, target)
-    lines = [f"Time to {100 * target:.1f} % mean test accuracy (CPU s and passes, mean over the "
-             f"seeds that reach it):", "", "| method | CPU s | passes | seeds reaching it |",
+    lines = [f"Time to {100 * target:.1f} % mean validation accuracy (CPU s and passes, mean over "
+             f"the seeds that reach it):", "", "| method | CPU s | passes | seeds reaching it |",
              "|---|---|---|---|"]
     for m, v in sorted(tta.items(), key=lambda kv: (math.isnan(kv[1]["cpu_s"]), kv[1]["cpu_s"])):
         if m.startswith("single:"):
@@ -223,7 +223,7 @@ def tta_markdown(records: Sequence[Mapping[str, Any]], study: str, target: float
 
 
 def curves_png(records: Sequence[Mapping[str, Any]], study: str, path: Path) -> Path:
-    """Mean test accuracy (over tasks, then seeds) against mean CPU seconds, per method."""
+    """Mean validation accuracy (over tasks, then seeds) against mean CPU seconds, per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,11 +236,11 @@ def curves_png(records: Sequence[Mapping[str, Any]], study: str, path: Path) -> 
         runs = [r for r in records if r["study"] == study and r["method"] == m]
         n = min(len(r["epochs"]) for r in runs)
         x = [np.mean([r["epochs"][i]["cpu_s"] for r in runs]) for i in range(n)]
-        y = [100 * np.mean([_mean_acc(r["epochs"][i]["test"]) for r in runs]) for i in range(n)]
+        y = [100 * np.mean([_mean_acc(r["epochs"][i]["val"]) for r in runs]) for i in range(n)]
         style = "-" if not is_baseline(m) else "--"
         ax.plot(x, y, style, marker=".", label=f"{m} ({len(runs)} seeds)")
     ax.set_xlabel("CPU seconds of training (one thread)")
-    ax.set_ylabel("mean test accuracy over tasks, %")
+    ax.set_ylabel("mean validation accuracy over tasks, %")
     ax.set_title(f"{study}: time to accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("jsonl", type=Path, nargs="+")
     p.add_argument("--png", type=Path, help="time-to-accuracy curves (one PNG per study)")
     p.add_argument("--target", type=float, help="time-to-accuracy target (default: equal's "
-                   "mean test accuracy at the epoch budget, minus 1 point)")
+                   "mean validation accuracy at the epoch budget, minus 1 point)")
     a = p.parse_args(argv)
     records = load(a.jsonl)
     text = []
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> str:
         for budget in ("epoch", "matched"):
             text.append(f"#### {budget} budget\n\n" + study_markdown(records, study, budget))
         eq = budget_view(records, study, "epoch").get("equal", {})
-        target = a.target or (np.mean([_mean_acc(e["test"]) for e in eq.values()]) - 0.01
+        target = a.target or (np.mean([_mean_acc(e["val"]) for e in eq.values()]) - 0.01
                               if eq else None)
         if target:
             text.append(tta_markdown(records, study, float(target)))
