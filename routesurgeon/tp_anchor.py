@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,7 +27,7 @@ from routesurgeon.routes import layer_name
 if TYPE_CHECKING:
     from routesurgeon.surgeon import Surgeon
 
-__all__ = ["TP_IMPORTANCES", "task_copy", "torch_pruning_route"]
+__all__ = ["TP_IMPORTANCES", "task_copy", "torch_pruning_route", "torch_pruning_routes"]
 
 TP_IMPORTANCES = ("magnitude", "taylor")
 
@@ -73,42 +73,62 @@ def torch_pruning_route(
     ``loss(output, target)``. Returns the pruned module in eval mode; its FLOPs fraction is
     ``route.rs_flops_fraction``.
     """
+    return torch_pruning_routes(surgeon, task, [budget_flops], importance, loader, loss, steps,
+                                max_ratio)[float(budget_flops)]
+
+
+def torch_pruning_routes(
+    surgeon: Surgeon,
+    task: str,
+    budgets: Sequence[float],
+    importance: str = "magnitude",
+    loader: Iterable[Any] | None = None,
+    loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    steps: int = 60,
+    max_ratio: float = 0.95,
+) -> dict[float, nn.Module]:
+    """``torch_pruning_route`` for several budgets in one pruning run: a copy is taken at the
+    first step whose FLOPs are at most each budget."""
     import torch_pruning as tp
 
     if importance not in TP_IMPORTANCES:
         raise InputError(f"unknown torch-pruning importance {importance!r}; use one of "
                          f"{list(TP_IMPORTANCES)}")
-    if not 0.0 < float(budget_flops) <= 1.0:
-        raise InputError(f"budget_flops must be a fraction in (0, 1], got {budget_flops!r}")
+    targets = sorted({float(b) for b in budgets}, reverse=True)
+    if not targets or not all(0.0 < b <= 1.0 for b in targets):
+        raise InputError(f"budget_flops must be fractions in (0, 1], got {list(budgets)!r}")
     if importance == "taylor" and (loader is None or loss is None):
         raise InputError("importance='taylor' needs loader= and loss= (the task's gradients)")
     model = task_copy(surgeon, task).eval()
     example = [x[:1] if isinstance(x, torch.Tensor) else x for x in surgeon.example_inputs()]
     full = count_flops(model, example)
-    target = float(budget_flops) * full
     imp = (tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude"
            else tp.importance.GroupTaylorImportance())
     pruner = tp.pruner.MetaPruner(
         model, tuple(example) if len(example) > 1 else example[0], importance=imp,
         pruning_ratio=max_ratio, iterative_steps=steps,
         ignored_layers=_output_layers(surgeon, model))
-    batches = itertools.cycle(list(itertools.islice(loader, steps))) if loader else None
+    batches = (itertools.cycle(list(itertools.islice(loader, steps)))
+               if loader is not None and importance == "taylor" else None)
     flops = full
-    for _ in range(steps):
-        if flops <= target:
+    out: dict[float, nn.Module] = {}
+    for step in range(steps + 1):
+        while targets and flops <= targets[0] * full:
+            pruned = copy.deepcopy(model).eval()
+            pruned.zero_grad(set_to_none=True)
+            pruned.rs_flops_fraction = flops / full  # type: ignore[assignment]
+            out[targets.pop(0)] = pruned
+        if not targets or step == steps:
             break
         if batches is not None and loss is not None:
             model.zero_grad(set_to_none=True)
             x, ys = next(batches)
-            out = model(*(x if isinstance(x, (tuple, list)) else [x]))
-            target_y = ys[task] if isinstance(ys, Mapping) else ys
-            loss(out, target_y).backward()
+            y = model(*(x if isinstance(x, (tuple, list)) else [x]))
+            loss(y, ys[task] if isinstance(ys, Mapping) else ys).backward()
         pruner.step()
         flops = count_flops(model, example)
-    model.zero_grad(set_to_none=True)
-    if flops > target:
+    if targets:
         raise InputError(f"torch-pruning reached {flops / full:.3f} of task {task!r}'s FLOPs "
-                         f"after {steps} steps to ratio {max_ratio}; budget_flops={budget_flops} "
+                         f"after {steps} steps to ratio {max_ratio}; budget_flops={targets} "
                          "is below what it prunes")
-    model.rs_flops_fraction = flops / full  # type: ignore[assignment]
-    return model.eval()
+    return out
