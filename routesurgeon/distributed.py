@@ -8,12 +8,14 @@ ways, which the method declares (``sync_mode``):
 
 - ``"gradients"``: the method's gradient is linear in the per-task gradients once its loss-derived
   coefficients are global (``equal``, ``uncertainty``, ``famo``, ``imta-ge``, ``drmgf``,
-  ``drmgf-step``, ``dwa``, ``rlw``, ``stch``, ``geometric-mean``): one flat all-reduce of the *fused gradients* of every parameter the optimizers
-  hold, plus the importance variables when the method updates them in its backward.
+  ``drmgf-step``, ``dwa``, ``rlw``, ``stch``, ``geometric-mean``): one flat all-reduce of the
+  *fused gradients* of every parameter the optimizers hold, plus the importance variables when
+  the method updates them in its backward.
 - ``"jacobian"``: a non-linear aggregator (``pcgrad``, ``cagrad``, ``nash-mtl``, ``upgrad``,
-  ``mgda``, ``imtl-g`` and those of ``methods/aggregators.py``): the method all-reduces its T x shared-parameter Jacobian (and the
-  exclusive parameters' gradients) once per step through the reducer the trainer installs, then
-  aggregates identically on every rank; nothing else is reduced.
+  ``mgda``, ``imtl-g`` and those of ``methods/aggregators.py``): the method all-reduces its T x
+  shared-parameter Jacobian (and the exclusive parameters' gradients) once per step through the
+  reducer the trainer installs, then aggregates identically on every rank; nothing else is
+  reduced.
 
 Each rank must see an equal share of the global batch (the losses are means): the result then
 equals one process on the global batch, up to float rounding. See ``docs/distributed.md``.
