@@ -20,6 +20,7 @@ records the global batch's figures.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ __all__ = [
     "ConflictMonitor",
     "Conflicts",
     "SharedLayer",
+    "conflicts_of",
     "measure_conflicts",
     "pair_key",
     "shared_layers",
@@ -207,10 +209,23 @@ def measure_conflicts(surgeon: Surgeon, batches: Iterable[Any], loss_fns: Mappin
         layers: the layers to measure (default :func:`shared_layers`).
         reduce: averages the per-task gradients in place over data-parallel ranks.
     """
-    tasks = surgeon.tasks
-    _check_loss_fns(tasks, loss_fns)
+    _check_loss_fns(surgeon.tasks, loss_fns)
     if (isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[1], Mapping)):
         batches = [batches]
+    computes = (functools.partial(_batch_losses, surgeon, inputs, targets, loss_fns)
+                for inputs, targets in batches)
+    return conflicts_of(surgeon, computes, train=train, layers=layers, reduce=reduce, step=step,
+                        epoch=epoch)
+
+
+def conflicts_of(surgeon: Surgeon, computes: Iterable[Callable[[], Mapping[str, Tensor]]],
+                 train: bool | None = None, layers: Sequence[SharedLayer] | None = None,
+                 reduce: Callable[[Sequence[Tensor]], None] | None = None,
+                 step: int | None = None, epoch: int | None = None) -> Conflicts:
+    """:func:`measure_conflicts` with the losses computed by the caller: each ``compute()`` runs
+    the forward of one batch and returns ``{task: scalar loss}`` (e.g. a Lightning module's
+    ``training_step``); the per-task gradients are averaged over the calls."""
+    tasks = surgeon.tasks
     layers = list(shared_layers(surgeon) if layers is None else layers)
     named = dict(surgeon.model.named_parameters())
     per_task = {t: [p for la in layers if t in la.tasks for p in la.params] for t in tasks}
@@ -223,9 +238,9 @@ def measure_conflicts(surgeon: Surgeon, batches: Iterable[Any], loss_fns: Mappin
     count = 0
     try:
         surgeon.train(was if train is None else train)
-        for inputs, targets in batches:
+        for compute in computes:
             with torch.enable_grad():
-                losses = _batch_losses(surgeon, inputs, targets, loss_fns)
+                losses = compute()
                 live = [t for t in tasks if per_task[t]]
                 for i, t in enumerate(live):
                     params = [named[p] for p in per_task[t]]
@@ -317,15 +332,30 @@ class ConflictMonitor:
 
     def measure(self, inputs: Any, targets: Mapping[str, Any], loss_fns: Mapping[str, LossFn],
                 step: int, epoch: int) -> Conflicts:
-        reduce = None
-        if rsdist.is_distributed():
-            def reduce(ts: Sequence[Tensor]) -> None:
-                rsdist.all_reduce_mean(ts, kind="conflicts")
         c = measure_conflicts(self.surgeon, [(inputs, targets)], loss_fns, layers=self.layers,
-                              reduce=reduce, step=step, epoch=epoch)
+                              reduce=self._reduce(), step=step, epoch=epoch)
         self.samples.append(c)
         self._epoch_records.append(c.as_record())
         return c
+
+    def measure_fn(self, compute: Callable[[], Mapping[str, Tensor]], step: int, epoch: int
+                   ) -> Conflicts:
+        """Measure on the losses ``compute()`` returns (one batch's forward)."""
+        c = conflicts_of(self.surgeon, [compute], layers=self.layers, reduce=self._reduce(),
+                         step=step, epoch=epoch)
+        self.samples.append(c)
+        self._epoch_records.append(c.as_record())
+        return c
+
+    @staticmethod
+    def _reduce() -> Callable[[Sequence[Tensor]], None] | None:
+        if not rsdist.is_distributed():
+            return None
+
+        def reduce(ts: Sequence[Tensor]) -> None:
+            rsdist.all_reduce_mean(ts, kind="conflicts")
+
+        return reduce
 
     def maybe_measure(self, inputs: Any, targets: Mapping[str, Any],
                       loss_fns: Mapping[str, LossFn], step: int, epoch: int) -> Conflicts | None:

@@ -165,6 +165,12 @@ class RouteSurgeonModule(pl.LightningModule):
                                  f"routesurgeon trains with exactly one (holding "
                                  f"self.parameters())")
             opts = opts[0]
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise NotImplementedError(
+                f"{name}: Lightning precision {self.trainer.precision!r} scales the loss in "
+                f"manual_backward, which routesurgeon's method backward replaces, so its "
+                f"GradScaler would unscale unscaled gradients; use precision='bf16-mixed' or "
+                f"'32-true'")
         example = _to_device(example, self.device)
         surgeon = rs.instrument(self, example, tasks=self.routesurgeon_tasks)
         trainer = rs.Trainer(surgeon, opts, method=self.routesurgeon_method,
@@ -174,6 +180,21 @@ class RouteSurgeonModule(pl.LightningModule):
             _load_state(trainer, self._rs_pending)
             object.__setattr__(self, "_rs_pending", None)
         return trainer
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        tr = self._rs_trainer
+        if tr is not None:  # the epoch's conflict samples and TensorBoard figures
+            record: dict[str, Any] = {"epoch": self.current_epoch}
+            tr.observer.end_epoch(record)
+            if "conflicts" in record:
+                tr.history.append(record)
+            tr.epoch = self.current_epoch + 1
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._rs_trainer is not None:
+            self._rs_trainer.observer.close()
 
     def _quiet_ddp(self) -> None:
         """Switch off the DDP wrapper's gradient and buffer synchronisation: the routesurgeon
@@ -202,6 +223,15 @@ class RouteSurgeonModule(pl.LightningModule):
                 f"self(...): method {tr.method_name!r} needs its own forward, so compute the "
                 f"outputs with self(x), not with a submodule directly")
         return losses
+
+    def _plain_losses(self, step: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The user's losses through the plain forward (a conflict sample), logging muted."""
+        object.__setattr__(self, "_rs_muted", True)
+        try:
+            return self._task_losses(step(self, *args, **kwargs))
+        finally:
+            object.__setattr__(self, "_rs_muted", False)
 
     def _task_losses(self, out: Any) -> dict[str, Tensor]:
         tasks = self._rs_trainer.surgeon.tasks  # type: ignore[union-attr]
@@ -232,6 +262,7 @@ class RouteSurgeonModule(pl.LightningModule):
         tr = self._rs_trainer
         opt = cast(Any, self.optimizers())
         tr.surgeon.train()
+        tr.observer.before_step_fn(lambda: self._plain_losses(step, args, kwargs))
         opt.zero_grad(set_to_none=True)
         losses = self._run_user_step(step, args, kwargs)
         stats = tr.backward(losses)
@@ -249,6 +280,7 @@ class RouteSurgeonModule(pl.LightningModule):
         tr.method.after_step({k: v.detach() for k, v in losses.items()}, recompute=recompute)
         tr.step_count += 1
         glob = tr._global_losses or {t: float(v.detach()) for t, v in losses.items()}
+        tr.observer.after_step({f"loss/{t}": v for t, v in glob.items()})
         self.log_dict({f"train/loss/{t}": float(v) for t, v in glob.items()}, on_step=True,
                       batch_size=_batch_size(args[0] if args else None))
         return torch.stack([v.detach() for v in losses.values()]).sum()

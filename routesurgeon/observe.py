@@ -55,6 +55,14 @@ class Observer:
         self._measured_at = tr.step_count  # a skipped step does not measure twice
         self._on_sample(m.measure(tuple(args), targets, loss_fns, tr.step_count, tr.epoch))
 
+    def before_step_fn(self, compute: Callable[[], Mapping[str, Any]]) -> None:
+        """As :meth:`before_step`, the losses computed by ``compute()`` (a Lightning step)."""
+        m, tr = self.monitor, self.trainer
+        if m is None or tr.step_count == self._measured_at or not m.due(tr.step_count):
+            return
+        self._measured_at = tr.step_count
+        self._on_sample(m.measure_fn(compute, tr.step_count, tr.epoch))
+
     def after_step(self, stats: Mapping[str, Any]) -> None:
         if self.tb is not None:
             self.tb.log_step(self.trainer.step_count, stats)

@@ -130,6 +130,7 @@ def _one_thread() -> Any:
 def test_lightning_trainer_equals_the_routesurgeon_trainer(method: str, tmp_path: Path) -> None:
     torch.manual_seed(1)
     module = MultiTask(method)
+    module.routesurgeon_trainer_options = {"conflicts": 2}  # sample steps 0 and 2
     init = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = _fit(module)
     tr = module.routesurgeon_trainer
@@ -139,7 +140,8 @@ def test_lightning_trainer_equals_the_routesurgeon_trainer(method: str, tmp_path
     ref = MultiTask(method)
     ref.load_state_dict(init)
     s = rs.instrument(ref, ref.example_input_array)
-    rt = rs.Trainer(s, torch.optim.SGD(ref.parameters(), lr=0.05), method=method, progress=False)
+    rt = rs.Trainer(s, torch.optim.SGD(ref.parameters(), lr=0.05), method=method, progress=False,
+                    conflicts=2)
     torch.manual_seed(7)
     for x, y in torch.utils.data.DataLoader(_dataset(), batch_size=BATCH):
         last = rt.train_step(x, {t: y[:, i] for i, t in enumerate(TASKS)}, LOSS_FNS)
@@ -150,6 +152,12 @@ def test_lightning_trainer_equals_the_routesurgeon_trainer(method: str, tmp_path
     assert any(not torch.equal(got[f"model.{k}"], v) for k, v in init.items())  # it trained
     assert trainer.callback_metrics["train/loss/aux"].item() == pytest.approx(
         last["loss/aux"], abs=1e-6)
+    # the conflict monitor sampled the same steps at the same weights, changing nothing
+    got_c, want_c = tr.observer.samples, rt.observer.samples
+    assert [c.step for c in got_c] == [c.step for c in want_c] == [0, 2]
+    for a, b in zip(got_c, want_c, strict=True):
+        assert torch.allclose(a.cosine, b.cosine, atol=1e-6, rtol=0, equal_nan=True)
+    assert [len(h["conflicts"]) for h in tr.history] == [2]  # one epoch's record
 
     if method == "drmgf-step":  # Lightning checkpoints carry the importance variables
         assert module.surgeon.importance_bank.trained
