@@ -38,3 +38,25 @@ def test_quick_route_quality_runs_resumes_and_summarises(tmp_path: Path) -> None
     pts = quality_points(rows, "finetuned")["multifashion"]
     assert set(pts) == {"learned", "disparse", "tp-magnitude"}
     assert "<svg" in quality_svg(rows)
+
+
+def _row(variant: str, seed: int, task: str, budget: float, acc: float) -> dict:
+    return {"recipe": "r", "seed": seed, "variant": variant, "budget": budget, "task": task,
+            "flops_fraction": budget - 0.01, "metric": f"{task}/acc",
+            "full": {f"{task}/acc": 0.8}, "recalibrated": {f"{task}/acc": acc}}
+
+
+def test_quality_points_average_tasks_then_seeds_and_the_report_shows_them(net, x) -> None:
+    import routesurgeon as rs
+    from routesurgeon.viz.report import render_report
+
+    rows = [_row("a", 0, "t1", 0.5, 0.4), _row("a", 0, "t2", 0.5, 0.8),
+            _row("a", 1, "t1", 0.5, 0.8), _row("a", 1, "t2", 0.5, 0.8),
+            _row("a", 2, "t1", 0.5, 0.8)]  # seed 2 lacks t2: left out
+    (flops, mean, std), = quality_points(rows)["r"]["a"]
+    assert flops == pytest.approx(0.49)
+    assert mean == pytest.approx((0.75 + 1.0) / 2) and std == pytest.approx(0.1767767)
+    html = render_report(rs.instrument(net, x).topology, route_quality=rows)
+    section = html.split('<section id="routes"', 1)[1].split("</section>", 1)[0]
+    assert "Route quality" in section and "<svg" in section and "r: route / full" in section
+    assert '<section id="routes"' not in render_report(rs.instrument(net, x).topology)

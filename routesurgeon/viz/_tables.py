@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from routesurgeon.viz._context import _Ctx
@@ -83,14 +83,13 @@ def _summary_section(ctx: _Ctx) -> str:
 </section>"""
 
 
-def _routes_section(ctx: _Ctx) -> str:
-    assert ctx.routes is not None
+def _routes_section(ctx: _Ctx, quality: Sequence[Mapping[str, Any]] | None = None) -> str:
     rows = [
         "<tr><th>route</th><th>params (route / full)</th><th>FLOPs (route / full)</th>"
         "<th>latency ms (route / full)</th><th class=num>speed-up</th>"
         "<th>channels kept</th><th class=num>pruned layers</th></tr>"
     ]
-    for t, r in ctx.routes.items():
+    for t, r in (ctx.routes or {}).items():
         c = ctx.colour.get(t, "#64748b")
 
         def pair(key: str, r: Mapping[str, Any] = r, c: str = c) -> str:
@@ -125,5 +124,18 @@ def _routes_section(ctx: _Ctx) -> str:
  <h2>Per-task routes</h2>
  <p class="muted">Each task's exported route against the full model. Pick a task under
  <i>focus task</i> in the graph to see the kept channel fraction of every block.</p>
- <table class="tbl">{"".join(rows)}</table>
+ {f'<table class="tbl">{"".join(rows)}</table>' if ctx.routes else ""}{_quality_html(quality)}
 </section>"""
+
+
+def _quality_html(quality: Sequence[Mapping[str, Any]] | None) -> str:
+    """The route-quality curves of ``benchmarks/route_quality.py`` records (none: empty)."""
+    if not quality:
+        return ""
+    from routesurgeon.viz.quality import quality_svg
+
+    stages = [st for st in ("recalibrated", "finetuned") if any(st in r for r in quality)]
+    charts = "".join(quality_svg(quality, st) for st in stages)
+    return ("<h3>Route quality</h3><p class=muted>Route metric over the full model's against "
+            "kept FLOPs, per selection criterion (torch-pruning dashed), mean over tasks and "
+            "seeds (benchmarks/route_quality.py).</p>" + charts)

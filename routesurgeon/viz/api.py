@@ -63,6 +63,7 @@ def surgeon_report(
     title: str | None = None,
     latency_repeats: int = 3,
     conflicts: Any = None,
+    route_quality: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``surgeon``'s self-contained HTML report to ``path`` and return the path.
 
@@ -77,6 +78,8 @@ def surgeon_report(
         latency_repeats: forwards timed per route (0: no latency column).
         conflicts: gradient-conflict samples (``surgeon.conflicts(...)``, a list of them or
             their records); default: those the trainer's history holds (``Trainer(conflicts=)``).
+        route_quality: records of ``benchmarks/route_quality.py``: the Routes section shows
+            the route-quality curve (route/full metric against kept FLOPs per criterion).
     """
     if importance is None:
         importance = surgeon.route_scores()
@@ -88,4 +91,5 @@ def surgeon_report(
         routes=_routes(surgeon, routes, latency_repeats),
         title=title or f"routesurgeon report · {type(surgeon.model).__name__}",
         conflicts=conflicts,
+        route_quality=route_quality,
     )

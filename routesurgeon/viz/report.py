@@ -73,14 +73,15 @@ def render_report(
     routes: Mapping[str, Mapping[str, Any]] | None = None,
     title: str | None = None,
     conflicts: Any = None,
+    route_quality: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     ctx = _build_ctx(topology, importance, history, routes)
     title = title or "routesurgeon report"
     sections = [_summary_section(ctx), _graph_section(ctx)]
     nav = [("summary", "Tasks"), ("graph-sec", "Sharing graph")]
-    if ctx.routes:
-        sections.append(_routes_section(ctx))
+    if ctx.routes or route_quality:
+        sections.append(_routes_section(ctx, route_quality))
         nav.append(("routes", "Routes"))
     imp_html = _importance_section(ctx)
     if imp_html:
@@ -147,6 +148,7 @@ def write_report(
     routes: Mapping[str, Mapping[str, Any]] | None = None,
     title: str | None = None,
     conflicts: Any = None,
+    route_quality: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write one self-contained HTML report and return its path.
 
@@ -162,14 +164,16 @@ def write_report(
         conflicts: optional gradient-conflict samples (``routesurgeon.conflicts.Conflicts``
             or their ``as_record()`` dicts); default: those in the history records
             (``record["conflicts"]``). Shown as a layer x task-pair heat map over training.
+        route_quality: optional records of ``benchmarks/route_quality.py`` (its jsonl rows):
+            the Routes section then shows route/full metric against kept FLOPs per criterion.
 
     The page needs no network: graphs and charts are inline SVG, the per-channel views are
     drawn by a small inline script onto canvases.
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(topology, importance, history, routes, title, conflicts),
-                   encoding="utf-8")
+    out.write_text(render_report(topology, importance, history, routes, title, conflicts,
+                                 route_quality), encoding="utf-8")
     return out
 
 
