@@ -60,3 +60,26 @@ def test_quality_points_average_tasks_then_seeds_and_the_report_shows_them(net, 
     section = html.split('<section id="routes"', 1)[1].split("</section>", 1)[0]
     assert "Route quality" in section and "<svg" in section and "r: route / full" in section
     assert '<section id="routes"' not in render_report(rs.instrument(net, x).topology)
+
+
+def test_harness_recalibrates_exported_routes(net, x) -> None:
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import harness as h
+    import torch
+    import torch.nn.functional as F
+
+    import routesurgeon as rs
+    from routesurgeon.datasets import TaskTensors
+    from tests.toydata import batches
+
+    data = batches(32, 32)[0]
+    ds = TaskTensors(data[0], {t: v for t, v in data[1].items() if t != "d"}, channels=3)
+    tasks = {t: h.TaskSpec(F.cross_entropy, (h.accuracy(),)) for t in ("a", "b")}
+    recipe = h.Recipe("toy", lambda seed: (net, x), tasks, ds, ds, task_names=["a", "b", "d"])
+    s = rs.instrument(net, x, tasks=["a", "b", "d"])
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = h.RunConfig(batch_size=8, max_batches=2, recalibrate_batches=2, progress=False)
+    out = h.export_routes(s, recipe, cfg, 0, tasks=["a"])
+    assert 0.0 <= out["a"]["metric_recalibrated"]["a/acc"] <= 1.0
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items()
+               if "running" in k)  # the full model's BN statistics are untouched
