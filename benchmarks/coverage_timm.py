@@ -50,9 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "runs" / "coverage_timm.jsonl"
 
 # smp: every architecture x a spread of encoders (resnet, efficientnet, mobilenet, mix
-# transformer, and timm's universal encoders for a convnext, a regnet and a mobilevit)
+# transformer, and timm's universal encoders for a convnext, a regnet, a mobilevit and a ViT,
+# the only kind DPT takes)
 SMP_ENCODERS = ["resnet18", "efficientnet-b0", "mobilenet_v2", "mit_b0", "tu-convnext_atto",
-                "tu-regnety_004", "tu-mobilevitv2_050"]
+                "tu-regnety_004", "tu-mobilevitv2_050", "tu-vit_tiny_patch16_224"]
 
 
 class Timeout(Exception):
