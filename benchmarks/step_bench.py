@@ -13,6 +13,11 @@ cannot avoid (``||W||`` and the normalisation's gradient term in every gated ste
 ``W(S)`` and its S-gradient in every S-pass step, less the optimiser step the S pass skips), each
 timed as the fastest torch primitive found for it. A NOTE says when a target lies below it.
 
+The ``+conflicts`` row is equal weighting with the gradient-conflict monitor at its default sampling
+(``Trainer(conflicts=True)``): its extra time per timed epoch (one sample: a forward and T
+backwards on one batch) is measured against the equal row in the same rounds and spread over
+``routesurgeon.conflicts.DEFAULT_EVERY`` steps; a PASS/FAIL line checks it stays within 5 %.
+
 The drmgf-step modes also report their accuracy: the cosine similarity of their gradient to the
 exact mode's gradient on the same batch, at random (unequal) importance. The cosine of the plain
 summed-loss gradient to the exact one is printed beside them as the reference point.
@@ -53,6 +58,10 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("famo", "famo", {}),
     ("uncertainty", "uncertainty", {}),
     ("imta-ge", "imta-ge", {}),
+    # equal weighting with the gradient-conflict monitor (Trainer(conflicts=...)): sampled once
+    # per timed epoch here, its row scaled to the default sampling (one sample every
+    # routesurgeon.conflicts.DEFAULT_EVERY steps)
+    ("+conflicts", "equal", {"conflicts": True}),
 ]
 
 
@@ -117,9 +126,11 @@ def _setup(model_name: str, tasks: int, batch: int, size: int, steps: int
     return s, [(x, targets)] * steps, dict.fromkeys(targets, F.cross_entropy)
 
 
-def _trainer(s: rs.Surgeon, method: str, cfg: dict[str, Any]) -> rs.Trainer:
+def _trainer(s: rs.Surgeon, method: str, cfg: dict[str, Any], steps: int = 1) -> rs.Trainer:
     opt = torch.optim.SGD(s.model_parameters(), lr=1e-4)
-    return rs.Trainer(s, opt, method=method, config=cfg, progress=False)
+    cfg = dict(cfg)
+    conflicts = steps if cfg.pop("conflicts", False) else False  # one sample per epoch
+    return rs.Trainer(s, opt, method=method, config=cfg, progress=False, conflicts=conflicts)
 
 
 def _accuracy(s: rs.Surgeon, data: list[Any], loss_fns: dict[str, Any]) -> dict[str, float]:
@@ -211,7 +222,7 @@ def bench(model_name: str, tasks: int, methods: list[tuple[str, str, dict[str, A
     acc = _accuracy(s, data, loss_fns)
     trainers = {}
     for label, method, cfg in methods:
-        tr = _trainer(s, method, cfg)
+        tr = _trainer(s, method, cfg, steps)
         tr.fit_epoch(data[:1], loss_fns)  # warm-up (drmgf: one small cycle)
         trainers[label] = tr
     times: dict[str, list[float]] = {label: [] for label, _, _ in methods}
@@ -231,6 +242,12 @@ def bench(model_name: str, tasks: int, methods: list[tuple[str, str, dict[str, A
     rows = []
     for label, _, _ in methods:
         epoch = statistics.median(times[label])
+        if label == "+conflicts":  # one sample per timed epoch -> the default sampling
+            from routesurgeon.conflicts import DEFAULT_EVERY
+
+            eq = statistics.median(times["equal"])
+            sample = statistics.median(a - b for a, b in zip(times[label], times["equal"]))
+            epoch = eq + sample * steps / DEFAULT_EVERY
         rows.append({"model": model_name, "T": tasks, "method": label, "epoch_s": epoch,
                      "step_s": epoch / steps, "peak_mb": peaks[label], "passes": passes[label],
                      "cos_exact": acc.get(label, 1.0 if label == "drmgf-step" else None)})
@@ -265,7 +282,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.models, args.tasks, args.rounds = "resnet18", "3", 2
-        args.methods = "equal,drmgf-step,step:depth.75,step:branch,drmgf,pcgrad"
+        args.methods = "equal,drmgf-step,step:depth.75,step:branch,drmgf,pcgrad,+conflicts"
     wanted = args.methods.split(",")
     methods = [m for m in METHODS if m[0] in wanted]
     if not methods or methods[0][0] != "equal":
@@ -290,6 +307,13 @@ def main() -> None:
                       f"{r['step_s'] / base['step_s']:8.2f} {r['epoch_s'] / base['epoch_s']:8.2f} "
                       f"{r['passes']:6d} {r['peak_mb']:8.0f} "
                       f"{r['peak_mb'] / max(base['peak_mb'], 1.0):8.2f} {cos}", flush=True)
+            if "+conflicts" in by:
+                from routesurgeon.conflicts import DEFAULT_EVERY
+
+                over = by["+conflicts"]["step_s"] / base["step_s"] - 1
+                verdicts.append((f"{model} T={t}: conflict monitor (every {DEFAULT_EVERY} steps) "
+                                 f"costs {100 * over:.1f}% <= 5% of equal's training time",
+                                 over <= 0.05))
             step = by.get("drmgf-step")
             if step is not None and "pcgrad" in by:
                 verdicts.append((f"{model} T={t}: drmgf-step below pcgrad",
