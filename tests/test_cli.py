@@ -220,6 +220,18 @@ def test_viz_writes_offline_html(
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_export_keep_all_needs_no_scores(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "routes"
+    argv = ["export", f"{factory}:make", "--tasks", "cls,seg", "--keep", "1.0", "--scores",
+            "importance",
+            "--latency-repeats", "1", "--formats", "pt", "--out", str(out)]
+    assert main(argv) == 0  # untrained, no checkpoint: keep 1.0 keeps every reached channel
+    assert "routes (keep 1.0, scores importance)" in capsys.readouterr().out
+    assert read_manifest(out / "cls")["selection"]["keep"] == 1.0
+
+
 def test_export_saves_verified_routes_and_refuses_overwrite(
     factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

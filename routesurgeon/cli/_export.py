@@ -56,7 +56,8 @@ def _cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     from routesurgeon.report import route_report
     from routesurgeon.saving import save_routes
 
-    if args.scores == "importance" and not args.checkpoint:
+    keep_all = args.threshold is None and args.keep >= 1.0  # keeps every channel: no scores
+    if args.scores == "importance" and not args.checkpoint and not keep_all:
         raise InputError(
             "--scores importance needs --checkpoint PATH (a run trained with "
             "drmgf or drmgf-step); a freshly built model has only --scores magnitude"
