@@ -179,8 +179,9 @@ def _ddp_worker(rank: int, tmp: Path, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0",
                       LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    from routesurgeon.conflicts import ConflictConfig, ConflictMonitor
+    from routesurgeon.conflicts import ConflictConfig
     from routesurgeon.distributed import shard
+    from routesurgeon.observe import ConflictMonitor
 
     out: dict[str, Any] = {}
     for method in ("drmgf-step", "pcgrad"):
