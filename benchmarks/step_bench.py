@@ -16,7 +16,7 @@ timed as the fastest torch primitive found for it. A NOTE says when a target lie
 The ``+conflicts`` row is equal weighting with the gradient-conflict monitor at its default sampling
 (``Trainer(conflicts=True)``): its extra time per timed epoch (one sample: a forward and T
 backwards on one batch) is measured against the equal row in the same rounds and spread over
-``routesurgeon.conflicts.DEFAULT_EVERY`` steps; a PASS/FAIL line checks it stays within 5 %.
+``routesurgeon.conflicts.default_every(T)`` steps; a PASS/FAIL line checks it stays within 5 %.
 
 The drmgf-step modes also report their accuracy: the cosine similarity of their gradient to the
 exact mode's gradient on the same batch, at random (unequal) importance. The cosine of the plain
@@ -60,7 +60,7 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("imta-ge", "imta-ge", {}),
     # equal weighting with the gradient-conflict monitor (Trainer(conflicts=...)): sampled once
     # per timed epoch here, its row scaled to the default sampling (one sample every
-    # routesurgeon.conflicts.DEFAULT_EVERY steps)
+    # routesurgeon.conflicts.default_every(T) steps)
     ("+conflicts", "equal", {"conflicts": True}),
 ]
 
@@ -243,11 +243,11 @@ def bench(model_name: str, tasks: int, methods: list[tuple[str, str, dict[str, A
     for label, _, _ in methods:
         epoch = statistics.median(times[label])
         if label == "+conflicts":  # one sample per timed epoch -> the default sampling
-            from routesurgeon.conflicts import DEFAULT_EVERY
+            from routesurgeon.conflicts import default_every
 
             eq = statistics.median(times["equal"])
             sample = statistics.median(a - b for a, b in zip(times[label], times["equal"]))
-            epoch = eq + sample * steps / DEFAULT_EVERY
+            epoch = eq + sample * steps / default_every(tasks)
         rows.append({"model": model_name, "T": tasks, "method": label, "epoch_s": epoch,
                      "step_s": epoch / steps, "peak_mb": peaks[label], "passes": passes[label],
                      "cos_exact": acc.get(label, 1.0 if label == "drmgf-step" else None)})
@@ -308,10 +308,11 @@ def main() -> None:
                       f"{r['passes']:6d} {r['peak_mb']:8.0f} "
                       f"{r['peak_mb'] / max(base['peak_mb'], 1.0):8.2f} {cos}", flush=True)
             if "+conflicts" in by:
-                from routesurgeon.conflicts import DEFAULT_EVERY
+                from routesurgeon.conflicts import default_every
 
                 over = by["+conflicts"]["step_s"] / base["step_s"] - 1
-                verdicts.append((f"{model} T={t}: conflict monitor (every {DEFAULT_EVERY} steps) "
+                every = default_every(t)
+                verdicts.append((f"{model} T={t}: conflict monitor (every {every} steps) "
                                  f"costs {100 * over:.1f}% <= 5% of equal's training time",
                                  over <= 0.05))
             step = by.get("drmgf-step")

@@ -42,14 +42,21 @@ __all__ = [
     "Conflicts",
     "SharedLayer",
     "conflicts_of",
+    "default_every",
     "measure_conflicts",
     "pair_key",
     "shared_layers",
 ]
 
-#: Default sampling of the monitor: one measurement (a forward and T backwards) every this many
-#: training steps; ``benchmarks/step_bench.py`` measures that this costs under 5 % of training.
+#: The monitor's default sampling interval at T = 3 tasks. One measurement (a forward and T
+#: backwards, about (1 + 2T) / 3 plain steps) every ``DEFAULT_EVERY * (T + 1) / 4`` steps keeps
+#: its share of training about constant in T; ``benchmarks/step_bench.py`` measures it.
 DEFAULT_EVERY = 100
+
+
+def default_every(n_tasks: int) -> int:
+    """The default sampling interval for ``n_tasks`` tasks: ``25 (T + 1)`` steps (100 at T = 3)."""
+    return max(1, DEFAULT_EVERY * (n_tasks + 1) // 4)
 
 
 def pair_key(a: str, b: str) -> str:
@@ -61,11 +68,17 @@ def pair_key(a: str, b: str) -> str:
 class ConflictConfig:
     """How the ``Trainer`` samples gradient conflicts during training."""
 
-    every: int = DEFAULT_EVERY  # measure on the batch of every this many-th step (and step 0)
+    #: measure on the batch of every this many-th step (and step 0); None: ``default_every(T)``
+    every: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"ConflictConfig.every must be a positive int, got {self.every!r}")
+        if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
+            raise ValueError(f"ConflictConfig.every must be a positive int (or None: the "
+                             f"default), got {self.every!r}")
+
+    def interval(self, n_tasks: int) -> int:
+        """The sampling interval in steps for ``n_tasks`` tasks."""
+        return self.every if self.every is not None else default_every(n_tasks)
 
 
 @dataclass(frozen=True)

@@ -113,13 +113,14 @@ class ConflictMonitor:
     def __init__(self, surgeon: Surgeon, config: ConflictConfig) -> None:
         self.surgeon = surgeon
         self.config = config
+        self.every = config.interval(len(surgeon.tasks))  # steps between samples
         self.layers = shared_layers(surgeon)
         self.samples: list[Conflicts] = []
         self._epoch_records: list[dict[str, Any]] = []
         self._drawn = 0
 
     def due(self, step: int) -> bool:
-        return step % self.config.every == 0
+        return step % self.every == 0
 
     def measure(self, inputs: Any, targets: Mapping[str, Any], loss_fns: Mapping[str, LossFn],
                 step: int, epoch: int) -> Conflicts:
@@ -166,7 +167,7 @@ class ConflictMonitor:
         class _Sampled:
             def __iter__(self) -> Iterator[Any]:
                 for batch in loader:
-                    if monitor._drawn % monitor.config.every == 0:
+                    if monitor._drawn % monitor.every == 0:
                         inputs, targets = batch
                         step, epoch = position()
                         c = monitor.measure(inputs, targets, loss_fns, step, epoch)

@@ -100,7 +100,7 @@ class Trainer:
     """Train ``surgeon`` with ``method`` (a registered name; see ``available_methods()``).
 
     ``conflicts``: sample the gradient conflicts between tasks during training (``True``:
-    every ``routesurgeon.conflicts.DEFAULT_EVERY`` steps, an int: every that many, a
+    every ``routesurgeon.conflicts.default_every(T)`` steps, an int: every that many, a
     ``ConflictConfig``; default: on when ``log_dir`` is given); they are stored in each
     epoch's record (``history[i]["conflicts"]``) and shown by the report.
     ``log_dir``: write TensorBoard event files there (see ``routesurgeon.tensorboard``).

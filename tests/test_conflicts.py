@@ -99,7 +99,7 @@ def test_the_trainer_monitor_samples_without_changing_training() -> None:
     assert rec["conflicts"][0]["cosine"] == first.as_record()["cosine"]
     assert rec["conflicts"][1]["cosine"] != first.as_record()["cosine"]  # the weights moved
     assert len(tr.observer.samples) == 2
-    assert tr.observer.monitor is not None and tr.observer.monitor.config.every == 2
+    assert tr.observer.monitor is not None and tr.observer.monitor.every == 2
     # off by default without log_dir; a per-epoch method is sampled as it draws its batches
     assert rs.Trainer(s, torch.optim.SGD(s.model_parameters(), lr=0.1),
                       progress=False).observer.monitor is None

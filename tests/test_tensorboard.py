@@ -32,7 +32,7 @@ def test_trainer_writes_losses_metrics_importance_routes_and_conflicts(tmp_path:
     tr = rs.Trainer(s, torch.optim.SGD(s.model_parameters(), lr=0.05), method="drmgf-step",
                     log_dir=str(tmp_path / "tb"), progress=False)
     assert tr.observer.monitor is not None  # log_dir turns the conflict monitor on
-    assert tr.observer.monitor.config.every == rs.conflicts.DEFAULT_EVERY
+    assert tr.observer.monitor.every == rs.conflicts.default_every(3) == 100
     for _ in range(2):
         tr.fit_epoch(data, LOSSES)
         tr.evaluate(data[:1], dict.fromkeys(s.tasks, _metric))
