@@ -111,7 +111,7 @@ def _check_and_step(s: rs.Surgeon, want: dict[str, Tensor], lr: float = 0.2) -> 
 
 
 def _run_aggregator(method: str, reference: Callable[[list[Tensor]], Tensor], steps: int = 3,
-                    **config: Any) -> None:
+                    epoch_steps: int | None = None, **config: Any) -> None:
     s, m = _setup(method, **config)
     for k in range(steps):
         losses = _losses(s, k)
@@ -119,6 +119,8 @@ def _run_aggregator(method: str, reference: Callable[[list[Tensor]], Tensor], st
         d = reference(_jacobian(grads, _shared_names(s, m)))
         m.backward(losses)
         _check_and_step(s, _expected_aggregate(s, m, grads, d))
+        if epoch_steps and (k + 1) % epoch_steps == 0:
+            m.end_epoch()
 
 
 # -- plain references -----------------------------------------------------------------------------
@@ -183,21 +185,32 @@ def test_sdmgrad_inner_solver_on_the_paired_batches() -> None:
     _run_aggregator("sdmgrad", ref, steps=3)
 
 
-def test_excess_mtl_exponentiated_weights_from_adagrad_excess_risks() -> None:
-    eta = 1.0
+@pytest.mark.parametrize("warmup_epochs", [0, 1])
+def test_excess_mtl_exponentiated_weights_from_adagrad_excess_risks(warmup_epochs: int) -> None:
+    eta, epoch_steps = 1.0, 2
+    warm = warmup_epochs * epoch_steps  # steps of uniform weights collecting the baseline
     weights = [0.5, 0.5]
     sq: list[Tensor] = []
+    warm_sum = [0.0, 0.0]
     base: list[float] = []
+    step = 0
 
     def ref(rows: list[Tensor]) -> Tensor:
-        nonlocal weights
+        nonlocal weights, step
         for i, r in enumerate(rows):
             if len(sq) < 2:
                 sq.append(torch.zeros_like(r))
             sq[i] = sq[i] + r * r
         risk = [float((r * r / torch.sqrt(sq[i] + 1e-7)).sum()) for i, r in enumerate(rows)]
+        step += 1
+        if step <= warm:
+            warm_sum[0] += risk[0]
+            warm_sum[1] += risk[1]
+            return _combine([0.5, 0.5], rows)
+        if not base and warm:
+            base.extend(v / warm for v in warm_sum)  # the warm-up's mean risks
         if not base:
-            base.extend(risk)  # the first step's risks are the baseline, used raw
+            base.extend(risk)  # no warm-up: the first step's risks are the baseline, used raw
         else:
             risk = [risk[i] / (base[i] + 1e-7) for i in range(2)]
         logits = [math.log(weights[i]) + eta * risk[i] for i in range(2)]
@@ -205,7 +218,9 @@ def test_excess_mtl_exponentiated_weights_from_adagrad_excess_risks() -> None:
         weights = [math.exp(x - max(logits)) / z for x in logits]
         return _combine(weights, rows)
 
-    _run_aggregator("excess-mtl", ref, steps=3)
+    _run_aggregator("excess-mtl", ref, steps=5, epoch_steps=epoch_steps,
+                    warmup_epochs=warmup_epochs)
+    assert weights != [0.5, 0.5]
 
 
 def test_gradvac_corrects_towards_the_ema_cosine_target() -> None:

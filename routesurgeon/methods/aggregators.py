@@ -233,19 +233,35 @@ class GradVacMethod(_StatefulAggregatorMethod):
 class ExcessMTLMethod(_StatefulAggregatorMethod):
     """ExcessMTL (He et al., "Robust Multi-Task Learning with Excess Risks", ICML 2024), via
     torchjd: exponentiated-gradient task weights from AdaGrad-style excess-risk estimates.
-    ``robust_step_size = 1.0``, ``n_warmup_steps = 0`` (the official implementation's
-    behaviour: the first step's excess risk is the baseline). Keeps a T x shared sum of squared
-    gradients."""
+    ``robust_step_size = 1.0``; the first ``warmup_epochs = 3`` epochs keep uniform weights while
+    the excess risks are collected, their mean is the baseline the later risks are divided by
+    (the paper's Appendix C.1: 3 epochs; counted by ``end_epoch``). ``warmup_epochs=0`` with
+    ``n_warmup_steps=k`` warms up for k steps instead; both 0 is the official implementation's
+    behaviour (the first step's risk is the baseline), which on the study's MultiLeNet collapses
+    onto one task within an epoch. Keeps a T x shared sum of squared gradients."""
 
-    _STATE = ("_weights", "_sq_grad_sum", "_initial_w", "_warmup_w_sum", "_n_steps")
+    _STATE = ("_weights", "_sq_grad_sum", "_initial_w", "_warmup_w_sum", "_n_steps",
+              "_n_warmup_steps")
+    _UNTIL_EPOCH_END = 1 << 62  # torchjd's step count of the warm-up, until the epoch ends
 
-    def __init__(self, context: Any, robust_step_size: float = 1.0,
+    def __init__(self, context: Any, robust_step_size: float = 1.0, warmup_epochs: int = 3,
                  n_warmup_steps: int = 0) -> None:
-        self.robust_step_size, self.n_warmup_steps = robust_step_size, n_warmup_steps
+        if warmup_epochs < 0 or n_warmup_steps < 0 or (warmup_epochs and n_warmup_steps):
+            raise ValueError(f"excess-mtl: give warmup_epochs or n_warmup_steps (>= 0), not both "
+                             f"(got {warmup_epochs} and {n_warmup_steps})")
+        self.robust_step_size, self.warmup_epochs = robust_step_size, warmup_epochs
+        self.n_warmup_steps = self._UNTIL_EPOCH_END if warmup_epochs else n_warmup_steps
+        self.epoch = 0
         super().__init__(context)
 
     def make_aggregator(self, n_tasks: int) -> Any:
         return _agg("ExcessMTL")(self.robust_step_size, self.n_warmup_steps)
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        w = self._weighting()
+        if self.warmup_epochs and self.epoch == self.warmup_epochs:
+            w.n_warmup_steps = w._n_steps  # the warm-up ends here: its mean risk is the baseline
 
     def _weighting(self) -> Any:
         return self.aggregator.weighting
@@ -253,6 +269,13 @@ class ExcessMTLMethod(_StatefulAggregatorMethod):
     def _key(self, w: Any) -> Any:
         s = w._sq_grad_sum
         return None if s is None else (s.shape[0], s.shape[1], s.dtype, s.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.epoch = int(state["epoch"])
 
 
 class _PairedMethod(_StatefulAggregatorMethod):
