@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 
-.PHONY: venv browser demo test test-fast lint fuzz coverage-report clean
+.PHONY: venv browser cxx demo test test-fast lint fuzz coverage-report clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,11 @@ browser:
 demo: venv
 	$(BIN)/python recipes/demo.py --out runs/demo
 
-test: venv browser
+# A C++ compiler for torch.compile's inductor backend on the CPU (tests/test_compile.py).
+cxx:
+	bash scripts/install_cxx.sh
+
+test: venv browser cxx
 	$(BIN)/ruff check routesurgeon tests benchmarks recipes
 	$(BIN)/mypy routesurgeon
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q

@@ -189,3 +189,30 @@ def test_scaler_state_is_checkpointed(tmp_path: Any) -> None:
     opt = torch.optim.SGD(s.model_parameters(), lr=0.05)
     back = rs.Trainer.resume(path, s, opt, precision="fp16", progress=False)
     assert back.loss_scale == 2.0**39 and back.overflow_skipped == 0
+
+
+@pytest.mark.parametrize("config", [{"mode": "depth", "per_task_from": 0.5},
+                                    {"importance": "gated"}, {"mode": "branch"}])
+def test_fp16_drmgf_step_modes_and_gated_importance(config: dict[str, Any]) -> None:
+    """The gated importance learns A through its own scaled, then unscaled, gradient: A moves
+    as in float32 (same direction, to fp16 rounding). Compared on ``dw``, the shared layer not
+    followed by a BatchNorm (before a train-mode BN the gradient of A is rounding noise, and
+    Adam's normalised steps follow its sign)."""
+    moved = {}
+    for prec in ("32", "fp16"):
+        torch.manual_seed(0)
+        s = rs.instrument(TwoHeadNet().train(), torch.randn(2, 3, 16, 16))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if prec == "fp16" else None
+        tr = rs.Trainer(s, torch.optim.SGD(s.model_parameters(), lr=0.05), method="drmgf-step",
+                        config=config, precision=prec, scaler=scaler, progress=False)
+        dw = [a for k, a in s.importance_bank.A.items() if k.startswith("dw")]
+        assert dw
+        a0 = torch.cat([a.detach().reshape(-1).clone() for a in dw])
+        for x, y in batches(16, 8):
+            assert tr.train_step(x, y, LOSSES) is not None
+        a1 = torch.cat([a.detach().reshape(-1) for a in dw])
+        assert _finite([a1, *s.model.parameters()]) and tr.overflow_skipped == 0
+        moved[prec] = a1 - a0
+    if config.get("importance") == "gated" or config.get("mode") == "branch":
+        assert moved["32"].abs().max() > 0
+        assert F.cosine_similarity(moved["32"], moved["fp16"], dim=0) > 0.95

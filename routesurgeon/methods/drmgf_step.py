@@ -446,7 +446,9 @@ class DRMGFStep(GradientMethod):
                     if g is None:
                         continue
                     if self._hyper is not None:
-                        per_task.setdefault(k, {})[i] = g
+                        # unscaled under fp16 (the hypergradient of S is not a gradient step)
+                        per_task.setdefault(k, {})[i] = (g / self.grad_scale
+                                                         if self.grad_scale != 1.0 else g)
                     if k in fused:
                         fused[k].addcmul_(g, coef[k][i])
                     else:
