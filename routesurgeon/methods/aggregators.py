@@ -237,8 +237,10 @@ class ExcessMTLMethod(_StatefulAggregatorMethod):
     the excess risks are collected, their mean is the baseline the later risks are divided by
     (the paper's Appendix C.1: 3 epochs; counted by ``end_epoch``). ``warmup_epochs=0`` with
     ``n_warmup_steps=k`` warms up for k steps instead; both 0 is the official implementation's
-    behaviour (the first step's risk is the baseline), which on the study's MultiLeNet collapses
-    onto one task within an epoch. Keeps a T x shared sum of squared gradients."""
+    behaviour (the first step's risk is the baseline). At this step size the weights drift far
+    towards one task on the study's MultiLeNet with or without a warm-up (3 epochs, seed 0:
+    accuracies 0.41 / 0.66 without, 0.63 / 0.54 after a 1-epoch warm-up, ``equal`` 0.61 / 0.62).
+    Keeps a T x shared sum of squared gradients."""
 
     _STATE = ("_weights", "_sq_grad_sum", "_initial_w", "_warmup_w_sum", "_n_steps",
               "_n_warmup_steps")
