@@ -4,7 +4,9 @@ Loads a ``drmgf-step`` checkpoint of ``recipes/study.py`` and, on validation bat
 shared layer:
 
 - ``polarization`` of the learned dominance D (0: every filter shared equally, 1: every filter
-  owned by one task; see ``recipes/study.py polarization``);
+  owned by one task; see ``recipes/study.py polarization``), over the filters some task values;
+- ``filters with D = 0``: the fraction whose importance is 0 for every task (their fused gradient
+  is 0 until a task's importance of them grows again);
 - ``cos(fused, equal)``: cosine between the fused gradient ``sum_t T D_t g_t`` and the
   equal-weight gradient ``sum_t g_t`` of that layer's weight (1: drmgf-step changes nothing);
 - ``cos(g_a, g_b)``: cosine between the two tasks' gradients there (conflict: < 0);
@@ -94,9 +96,12 @@ def main(argv: list[str] | None = None) -> str:
             add(wname, "batch D noise", float((db - d).abs().mean()))
             add(wname, "D sign agreement", float((db.argmax(0) == d.argmax(0)).float().mean()))
             n = d.shape[0]
-            add(wname, "polarization", float(((d.max(0).values - 1 / n) / (1 - 1 / n)).mean()))
-    keys = ["polarization", "cos(fused, equal)", "cos(g_a, g_b)", "batch D noise",
-            "D sign agreement"]
+            live = d.sum(0) > 0  # D = 0 for every task: the filter's fused gradient is 0
+            add(wname, "filters with D = 0", float((~live).float().mean()))
+            add(wname, "polarization",
+                float(((d.max(0).values[live] - 1 / n) / (1 - 1 / n)).mean()))
+    keys = ["polarization", "filters with D = 0", "cos(fused, equal)", "cos(g_a, g_b)",
+            "batch D noise", "D sign agreement"]
     lines = [f"{a.study} {a.method} seed {a.seed}, {a.batches} validation batches of "
              f"{study.batch_size}", "", "| layer | " + " | ".join(keys) + " |",
              "|---|" + "---|" * len(keys)]

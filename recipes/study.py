@@ -337,7 +337,7 @@ def run_one(study: Study, method: str, seed: int, splits: dict[str, Any], out: P
 def polarization(surgeon: rs.Surgeon) -> float:
     """How far the dominance of the shared filters is from equal, in [0, 1]: the mean over
     filters of ``(max_t D_t - 1/T) / (1 - 1/T)`` (0: every filter equally shared, 1: every filter
-    owned by one task)."""
+    owned by one task), over the filters some task values."""
     bank = surgeon.importance_bank
     vals = []
     with torch.no_grad():
@@ -345,7 +345,9 @@ def polarization(surgeon: rs.Surgeon) -> float:
             d = bank.dominance(name)
             d = d.mean(-1) if d.dim() == 3 else d
             n = d.shape[0]
-            vals.append(((d.max(0).values - 1 / n) / (1 - 1 / n)).mean())
+            live = d.sum(0) > 0  # filters no task values (D = 0) are left out
+            if live.any():
+                vals.append(((d.max(0).values[live] - 1 / n) / (1 - 1 / n)).mean())
     return float(torch.stack(vals).mean()) if vals else 0.0
 
 
