@@ -42,6 +42,24 @@ def output_names(structure: Any) -> list[tuple[str, Any]]:
     return named
 
 
+def _namedtuple_type(target: Any) -> bool:
+    return isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields")
+
+
+def expand_namedtuples(structure: Any) -> Any:
+    """``structure`` with fx's namedtuple-construction nodes (fx records a returned namedtuple,
+    e.g. torchvision's ``GoogLeNetOutputs``, as a call to its class) replaced by the namedtuple
+    of their arguments, so its fields name the outputs as they do at run time."""
+    def expand(x: Any) -> Any:
+        if isinstance(x, fx.Node) and x.op == "call_function" and _namedtuple_type(x.target):
+            cls = x.target
+            return cls(*[pytree.tree_map(expand, a) for a in x.args],  # type: ignore[operator]
+                       **{k: pytree.tree_map(expand, v) for k, v in x.kwargs.items()})
+        return x
+
+    return pytree.tree_map(expand, structure, is_leaf=lambda v: isinstance(v, fx.Node))
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     """The graph's outputs: every named leaf and which of them are tasks."""
@@ -65,7 +83,7 @@ def resolve_tasks(
     (for tuple outputs), or a dict ``{task: output name}``.
     """
     out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
-    named = [(name, leaf) for name, leaf in output_names(out_node.args[0])
+    named = [(name, leaf) for name, leaf in output_names(expand_namedtuples(out_node.args[0]))
              if isinstance(leaf, fx.Node)]
     if not named:
         raise TaskError("the model returns no tensor outputs, so there are no tasks to analyse")

@@ -28,6 +28,7 @@ from routesurgeon.tracing import (
     preserved,
     trace,
 )
+from routesurgeon.tracing.training_outputs import with_training_outputs
 
 __all__ = ["Surgeon", "instrument"]
 
@@ -97,7 +98,9 @@ class Surgeon(nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule:
         """The graph run in the current mode."""
-        return self.traced.train_graph if self.training else self.traced.eval_graph
+        if self.training:
+            return self.traced.train_graph
+        return self.traced.inference_graph or self.traced.eval_graph
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         check_call_inputs(self.model, self._example_meta, args, kwargs)
@@ -347,7 +350,7 @@ def instrument(
     clock = _StageClock()
     args, kwargs = normalize_inputs(example_inputs)
     _check_devices(model, args, kwargs)
-    traced = trace(model, example_inputs, leaf_modules)
+    traced = with_training_outputs(model, trace(model, example_inputs, leaf_modules), args, kwargs)
     check_inplace(traced.eval_graph)
     clock.lap("trace")
     with preserved(model), torch.no_grad():
@@ -356,6 +359,8 @@ def instrument(
             clock.lap("run")
             if verify:
                 expected = model(*args, **kwargs)
+                if traced.inference_graph is not None:  # the analysed graph has more outputs
+                    got = traced.inference_graph(*args, **kwargs)
                 assert_same_outputs(expected, got, "eval mode")
         if verify and traced.dual:
             with mode(model, True):

@@ -192,6 +192,7 @@ def build_model(
     aux_classes: int | None = None,
     num_classes: int = 10,
     input_size: int | None = None,
+    aux: bool = False,
     **kwargs: Any,
 ) -> BuiltModel:
     """Build a multi-output model from ``timm:NAME``, ``smp:ARCH:ENCODER`` or ``module:PATH:FN``.
@@ -199,6 +200,9 @@ def build_model(
     timm models become multi-output either as ``features_only`` feature pyramids or as a backbone
     with ``heads`` linear heads; smp models get an auxiliary classification head when
     ``aux_classes`` is given (their two outputs are the tasks ``mask`` and ``label``).
+    ``tv:NAME`` (``tv:NAME:heads`` for a detector's backbone + FPN + heads; ``aux``: a model's own
+    auxiliary outputs) and ``hf:CLASS`` (a transformers class from a small config) are built by
+    ``routesurgeon.zoo_tv`` and ``routesurgeon.zoo_hf``.
     """
     kind, _, rest = spec.partition(":")
     if kind == "timm" and rest:
@@ -206,8 +210,20 @@ def build_model(
     if kind == "smp" and rest.count(":") == 1:
         arch, encoder = rest.split(":")
         return _smp(arch, encoder, aux_classes, num_classes, input_size, **kwargs)
+    if kind == "tv" and rest and rest.count(":") <= 1:
+        from routesurgeon.zoo_tv import build_tv
+
+        name, _, part = rest.partition(":")
+        return cast(BuiltModel, build_tv(name, part, aux=aux, heads=heads,
+                                         num_classes=num_classes, input_size=input_size,
+                                         **kwargs))
+    if kind == "hf" and rest and ":" not in rest:
+        from routesurgeon.zoo_hf import build_hf
+
+        return cast(BuiltModel, build_hf(rest, num_classes=num_classes, **kwargs))
     if kind == "module" and rest.count(":") == 1:
         path, factory = rest.split(":")
         return _factory(path, factory, **kwargs)
     raise InputError(f"cannot read model spec {spec!r}; use timm:NAME (e.g. timm:resnet50), "
-                     f"smp:ARCH:ENCODER (e.g. smp:Unet:resnet34) or module:package.module:factory")
+                     f"smp:ARCH:ENCODER (e.g. smp:Unet:resnet34), tv:NAME (e.g. tv:googlenet), "
+                     f"hf:CLASS (e.g. hf:BertForPreTraining) or module:package.module:factory")

@@ -186,17 +186,20 @@ def _load(args: argparse.Namespace, err: Console) -> Loaded:
                 features_only=args.features_only,
                 heads=args.heads,
                 aux_classes=args.aux_classes,
+                aux=getattr(args, "aux", False),
                 num_classes=args.num_classes,
                 **kwargs,
             )
         except InputError as e:
             raise (_smp_error(args.model) or InputError(f"{e}{_spec_hint(args.model)}")) from e
         except ImportError as e:
-            if not args.model.startswith(("timm:", "smp:")):
+            if not args.model.startswith(("timm:", "smp:", "tv:", "hf:")):
                 raise
+            extra = "hf] (transformers)" if args.model.startswith("hf:") else (
+                "models] (timm, segmentation-models-pytorch, torchvision)")
             raise InputError(
                 f"{args.model} needs {e.name or 'a missing package'}: "
-                f"pip install 'routesurgeon[models]' (timm, segmentation-models-pytorch)"
+                f"pip install 'routesurgeon[{extra}'"
             ) from e
     leaves = _leaf_modules(built.model, _split(args.leaf_modules) or [])
     tasks = _task_arg(built, _split(args.tasks))
@@ -216,8 +219,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="timm:NAME (timm:resnet50), smp:ARCH:ENCODER (smp:Unet:resnet34) or "
-        "module:package.module:factory",
+        help="timm:NAME (timm:resnet50), smp:ARCH:ENCODER (smp:Unet:resnet34), tv:NAME "
+        "(tv:googlenet; tv:retinanet_resnet50_fpn:heads for a detector's backbone + FPN + heads), "
+        "hf:CLASS (hf:BertForPreTraining) or module:package.module:factory",
+    )
+    p.add_argument(
+        "--aux",
+        action="store_true",
+        help="tv: the model's own auxiliary outputs (GoogLeNet/Inception v3 aux logits, "
+        "DeepLabV3/FCN aux_loss)",
     )
     p.add_argument(
         "--features-only", action="store_true", help="timm: the feature pyramid, one task per stage"

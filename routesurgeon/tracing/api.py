@@ -13,7 +13,7 @@ from torch import nn
 from routesurgeon.errors import TracingError
 from routesurgeon.tracing.attempts import _ModeTrace, _trace_mode
 from routesurgeon.tracing.inputs import ExampleInputs, bind_inputs, normalize_inputs
-from routesurgeon.tracing.library import _library_leaves
+from routesurgeon.tracing.library import _library_leaves, _library_refusal
 from routesurgeon.tracing.modes import (
     _class_attrs,
     _mode_switch_changes,
@@ -38,6 +38,11 @@ class TraceResult:
     attempts: list[str] = field(default_factory=list)
     # why the model was traced in train mode too ("" when one eval-mode trace serves both modes)
     retrace_reason: str = ""
+    # when the eval-mode forward drops training-only outputs (see ``training_outputs``): the real
+    # eval graph, which the Surgeon runs in eval mode; ``eval_graph`` is then the train-mode code
+    # run in eval mode, on which tasks are analysed and routes exported
+    inference_graph: fx.GraphModule | None = None
+    training_only_outputs: list[str] = field(default_factory=list)
 
     @property
     def dual(self) -> bool:
@@ -62,6 +67,9 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TracingError(f"expected an nn.Module, got {type(model).__name__}")
+    refused = _library_refusal(model)
+    if refused:
+        raise TracingError(refused)
     args, kwargs = normalize_inputs(example_inputs)
     bound = bind_inputs(model, args, kwargs)
     lib_types, autowrap = _library_leaves()

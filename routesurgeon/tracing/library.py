@@ -44,3 +44,12 @@ def _library_fixes(model: nn.Module) -> Iterator[None]:
     finally:
         for m, name, old in changed:
             setattr(m, name, old)
+
+
+def _library_refusal(model: nn.Module) -> str | None:
+    """Why a known library model cannot be traced whole, and what to trace instead."""
+    if type(model).__module__.startswith("torchvision.models.detection"):
+        from routesurgeon.detection import refusal
+
+        return refusal(model)
+    return None

@@ -1,0 +1,157 @@
+"""torchvision models by name: ``tv:NAME`` (random init, nothing downloaded).
+
+* classification and video models become a backbone (the model with its last ``nn.Linear``
+  replaced by ``nn.Identity``) shared by ``heads`` linear heads, like ``timm:NAME``; with
+  ``aux=True``, GoogLeNet and Inception v3 keep their own auxiliary logits instead (outputs that
+  exist only in training: the tasks are the training outputs, see
+  ``routesurgeon.tracing.training_outputs``);
+* segmentation models (DeepLabV3, FCN, LR-ASPP) return ``{"out", "aux"}`` with ``aux=True``
+  (``aux_loss``; LR-ASPP has none);
+* detection models: ``tv:NAME`` is the full model (its post-processing cannot be traced: the error
+  says so), ``tv:NAME:heads`` the part training shares, backbone + FPN + heads (see
+  ``routesurgeon.detection``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from routesurgeon.errors import InputError
+
+__all__ = ["AUX_MODELS", "build_tv", "tv_population"]
+
+AUX_MODELS = ("googlenet", "inception_v3")  # classification models with their own aux logits
+_VIDEO_SIZE = (4, 64, 64)  # frames, height, width
+_MIN_SIZE = {"inception_v3": 299, "googlenet": 64}  # the aux heads need these sizes
+_SEG_AUX = ("deeplabv3_", "fcn_")
+
+
+def tv_population() -> dict[str, list[str]]:
+    """torchvision's model names by population (optical flow and quantized models excluded)."""
+    import torchvision.models as tvm
+
+    return {
+        "classification": sorted(tvm.list_models(module=tvm)),
+        "segmentation": sorted(tvm.list_models(module=tvm.segmentation)),
+        "video": sorted(tvm.list_models(module=tvm.video)),
+        "detection": sorted(tvm.list_models(module=tvm.detection)),
+    }
+
+
+def _population_of(name: str) -> str:
+    for pop, names in tv_population().items():
+        if name in names:
+            return pop
+    import torchvision.models as tvm
+
+    close = [n for n in tvm.list_models() if name[:4] in n][:8]
+    raise InputError(f"torchvision has no model {name!r} (classification, segmentation, video or "
+                     f"detection)" + (f"; close: {close}" if close else ""))
+
+
+class _Heads(nn.Module):
+    """A torchvision backbone (its classifier removed) shared by linear heads: ``{head: out}``."""
+
+    def __init__(self, backbone: nn.Module, width: int, names: list[str], classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict({n: nn.Linear(width, classes) for n in names})
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        z = self.backbone(x)
+        return {name: head(z) for name, head in self.heads.items()}
+
+
+def _strip_classifier(model: nn.Module, name: str) -> tuple[nn.Module, int]:
+    """``model`` with its last ``nn.Linear`` replaced by ``nn.Identity``, and that layer's input
+    width; models whose classifier is a conv (SqueezeNet) keep it and return its class scores."""
+    last = None
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = path
+    if last is None:
+        classes = getattr(model, "num_classes", None)
+        if not isinstance(classes, int):
+            raise InputError(f"tv:{name} has no nn.Linear classifier to replace by heads")
+        return model, classes
+    parent_path, _, attr = last.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    linear = parent.get_submodule(attr)
+    assert isinstance(linear, nn.Linear)
+    setattr(parent, attr, nn.Identity())
+    return model, linear.in_features
+
+
+def _example(pop: str, name: str, size: int | tuple[int, int] | None, batch: int = 2) -> Any:
+    g = torch.Generator().manual_seed(0)
+    if pop == "video":
+        t, h, w = _VIDEO_SIZE
+        if size is not None:
+            h, w = (size, size) if isinstance(size, int) else size
+        if name.startswith(("mvit", "s3d")):  # fixed temporal/spatial sizes
+            t, h, w = (16, 224, 224) if name.startswith("mvit") else (8, max(h, 112), max(w, 112))
+        return torch.randn(batch, 3, t, h, w, generator=g)
+    default = 224 if name.startswith(("vit_", "swin", "maxvit")) else _MIN_SIZE.get(name, 64)
+    if pop == "detection":
+        default = 128
+    h, w = (size, size) if isinstance(size, int) else (size or (default, default))
+    return torch.randn(batch, 3, h, w, generator=g)
+
+
+def build_tv(name: str, part: str = "", aux: bool = False, heads: int = 3, num_classes: int = 10,
+             input_size: int | tuple[int, int] | None = None, **kwargs: Any) -> Any:
+    """A ``BuiltModel`` for ``tv:NAME`` (``part="heads"``: a detection model's shared part)."""
+    import torchvision.models as tvm
+
+    from routesurgeon.zoo import BuiltModel
+
+    pop = _population_of(name)
+    if part and (pop != "detection" or part != "heads"):
+        raise InputError(f"tv:{name}:{part}: only detection models have a part, 'heads' "
+                         f"(backbone + FPN + heads), e.g. tv:retinanet_resnet50_fpn:heads")
+    if pop == "detection":
+        from routesurgeon.detection import detection_heads
+
+        ssd = name.startswith("ssd")  # SSD's transform has a fixed size (300 or 320)
+        size = input_size or 128
+        if ssd and input_size is None:
+            size = 300 if name.startswith("ssd300") else 320
+        hw = (size, size) if isinstance(size, int) else size
+        sizes = {} if ssd else {"min_size": min(hw), "max_size": max(hw)}
+        model = tvm.get_model(name, weights=None, weights_backbone=None,
+                              num_classes=num_classes, **sizes, **kwargs).eval()
+        if part:
+            shared = detection_heads(model)
+            return BuiltModel(f"tv:{name}:heads", shared.eval(), _example(pop, name, hw),
+                              list(shared.tasks))
+        images = [x for x in _example(pop, name, hw)]
+        return BuiltModel(f"tv:{name}", model, cast(Any, (images,)), None)
+    if pop == "segmentation":
+        has_aux = name.startswith(_SEG_AUX)
+        if aux and not has_aux:
+            raise InputError(f"tv:{name} has no auxiliary head (aux_loss); drop --aux")
+        extra = {"aux_loss": True} if aux else {}
+        model = tvm.get_model(name, weights=None, weights_backbone=None,
+                              num_classes=num_classes, **extra, **kwargs)
+        tasks = ["out", "aux"] if aux else ["out"]
+        return BuiltModel(f"tv:{name}", model.eval(), _example(pop, name, input_size), tasks)
+    if name in AUX_MODELS:
+        extra = {"aux_logits": aux, "init_weights": False}
+    elif aux:
+        raise InputError(f"tv:{name} has no auxiliary outputs; --aux is for {list(AUX_MODELS)} "
+                         f"and DeepLabV3/FCN segmentation models")
+    else:
+        extra = {}
+    model = tvm.get_model(name, weights=None, num_classes=num_classes, **extra, **kwargs)
+    example = _example(pop, name, input_size)
+    if aux:  # the model's own outputs: logits and its training-only aux logits
+        tasks = ["logits", "aux_logits2", "aux_logits1"] if name == "googlenet" else [
+            "logits", "aux_logits"]
+        return BuiltModel(f"tv:{name}", model.eval(), example, tasks)
+    backbone, width = _strip_classifier(model, name)
+    names = ["cls", "aux", *(f"head{i}" for i in range(2, heads))][:heads]
+    return BuiltModel(f"tv:{name}", _Heads(backbone, width, names, num_classes).eval(), example,
+                      names)
