@@ -8,6 +8,7 @@ from routesurgeon._version import __version__
 from routesurgeon.channels import register_channel_rule
 from routesurgeon.conflicts import ConflictConfig, Conflicts, measure_conflicts
 from routesurgeon.criteria import CRITERIA, GroupScores, criterion_scores
+from routesurgeon.detection import DetectionHeads, detection_heads
 from routesurgeon.errors import (
     CheckpointError,
     CompileError,
@@ -43,6 +44,7 @@ __all__ = [
     "Conflicts",
     "DRMGFConfig",
     "DRMGFStepConfig",
+    "DetectionHeads",
     "ExportError",
     "GroupScores",
     "InputError",
@@ -68,6 +70,7 @@ __all__ = [
     "criterion_scores",
     "delta_m",
     "delta_m_tasks",
+    "detection_heads",
     "instrument",
     "load_route",
     "measure_conflicts",
