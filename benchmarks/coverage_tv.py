@@ -1,0 +1,119 @@
+"""Coverage over torchvision's whole populations (a benchmark, not a CI test).
+
+Every classification, segmentation and video model (``tv:NAME``; GoogLeNet/Inception v3 with their
+training-only aux logits, DeepLabV3/FCN with ``aux_loss``) and every detector's backbone + FPN +
+heads (``tv:NAME:heads``), random init: instrument (which checks the traced graph equals eager, in
+both modes when they differ), ``export_routes(keep=1.0)`` (each route verified against its masked
+reference), and each route's output compared with the eager model's on the example, with nothing
+pruned (every route keeps each layer's full width). One JSON line per model, appended, so a run
+resumes where it stopped:
+
+    nohup nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/coverage_tv.py \\
+        --out runs/coverage_tv.jsonl > runs/coverage_tv.log 2>&1 &
+    python benchmarks/coverage_tv.py --out runs/coverage_tv.jsonl --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import routesurgeon as rs
+from routesurgeon.outputs import output_names
+from routesurgeon.zoo_tv import AUX_MODELS, tv_population
+
+
+def specs() -> list[tuple[str, str, dict[str, Any]]]:
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for pop, names in tv_population().items():
+        for name in names:
+            if pop == "detection":
+                out.append((pop, f"tv:{name}:heads", {}))
+            else:
+                aux = name in AUX_MODELS or name.startswith(("deeplabv3_", "fcn_"))
+                out.append((pop, f"tv:{name}", {"aux": aux}))
+    return out
+
+
+def check(spec: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    built = rs.build_model(spec, **kwargs)
+    s = rs.instrument(built.model, built.example_inputs)
+    row: dict[str, Any] = {"tasks": s.tasks, "path": s.trace_path,
+                           "shared": len(s.shared_parameters())}
+    routes = s.export_routes(keep=1.0)
+    model = built.model.eval()
+    with torch.no_grad():
+        eager = dict(output_names(model(built.example_inputs)))
+        worst = 0.0
+        for task, route in routes.items():
+            got = route(*s.example_inputs())
+            leaf = s.outputs.task_outputs[s.tasks.index(task)]
+            want = eager.get(leaf)
+            if want is None:  # training-only outputs: the analysed graph (it contains eval's)
+                want = dict(output_names(s.traced.eval_graph(*s.example_inputs())))[leaf]
+            got_t = got if isinstance(got, torch.Tensor) else next(
+                v for _, v in output_names(got) if isinstance(v, torch.Tensor))
+            worst = max(worst, float((got_t - want).abs().max()))
+            mask = route.meta["routesurgeon"].mask  # layers it does not reach keep 0
+            if any(0 < len(k) < mask.channels[layer] for layer, k in mask.kept.items()):
+                raise AssertionError(f"route {task} pruned channels at keep=1.0")
+    row["max_abs_diff"] = worst
+    row["exact"] = worst <= 1e-4
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/coverage_tv.jsonl")
+    p.add_argument("--report", action="store_true", help="summarise the jsonl and exit")
+    p.add_argument("--only", default=None, help="comma-separated specs to run")
+    a = p.parse_args()
+    path = Path(a.out)
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done[r["spec"]] = r
+    if a.report:
+        report(done)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    only = set(a.only.split(",")) if a.only else None
+    for pop, spec, kwargs in specs():
+        if spec in done or (only and spec not in only):
+            continue
+        row: dict[str, Any] = {"population": pop, "spec": spec, **kwargs}
+        try:
+            row.update(check(spec, kwargs))
+            row["ok"] = bool(row["exact"])
+        except Exception as e:  # record every failure with its message
+            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000],
+                       where=traceback.format_exc().splitlines()[-3][:300])
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(spec, row.get("ok"), row.get("seconds"), row.get("error", "")[:200], flush=True)
+
+
+def report(done: dict[str, dict[str, Any]]) -> None:
+    pops: dict[str, list[dict[str, Any]]] = {}
+    for r in done.values():
+        pops.setdefault(r["population"], []).append(r)
+    for pop, rows in pops.items():
+        ok = sum(r["ok"] for r in rows)
+        print(f"{pop}: {ok} / {len(rows)}")
+        for r in rows:
+            if not r["ok"]:
+                print(f"  {r['spec']}: {r.get('error', 'not exact: ' + str(r.get('max_abs_diff')))}"
+                      [:400])
+
+
+if __name__ == "__main__":
+    main()
