@@ -145,7 +145,8 @@ class Trainer:
         self.scaler = rsprec.check_scaler(self.precision, scaler)
         self.overflow_skipped = 0  # fp16 steps the GradScaler skipped (scaled gradient overflow)
         self._unscaled = False  # the scaler unscaled .grad since its last update()
-        self.compile = rscompile.resolve_compile(compile)  # see routesurgeon.compile
+        self.compile = rscompile.resolve_compile(  # see routesurgeon.compile
+            compile, self.precision.device_type)
         if self.compile is not None:
             rscompile.check_method(self.method, self.method_name, self.compile)
             self.method.compiler = self.compile

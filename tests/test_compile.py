@@ -2,7 +2,8 @@
 
 Compiling is slow, so the nets are tiny and most checks use the ``aot_eager`` backend (dynamo's
 capture and AOTAutograd's forward/backward split, which is what changes the semantics; no C++
-code generation). One check compiles a ``drmgf-step`` step with inductor, the default backend.
+code generation). One check compiles a ``drmgf-step`` step with inductor, the default backend
+(the whole graph, ``ProbedGraph``); depth mode takes the segmented path (``eager_nodes``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import routesurgeon as rs
+from routesurgeon.compile import ProbedGraph
 
 
 class Tiny(nn.Module):
@@ -66,7 +68,7 @@ def _state(s: rs.Surgeon) -> list[torch.Tensor]:
 
 
 def _train_both(method: str, compile: Any, config: dict[str, Any] | None = None, steps: int = 3,
-                **kw: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                **kw: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], rs.Trainer]:
     torch._dynamo.reset()
     (eager, s0), (comp, s1) = _trainer(method, False, config, **kw), _trainer(
         method, compile, config, **kw)
@@ -74,7 +76,7 @@ def _train_both(method: str, compile: Any, config: dict[str, Any] | None = None,
         for tr in (eager, comp):
             torch.manual_seed(i)  # pcgrad draws its projection order from the global RNG
             assert tr.train_step(x, y, LOSSES) is not None
-    return _state(s0), _state(s1)
+    return _state(s0), _state(s1), comp
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor], tol: float) -> float:
@@ -86,9 +88,11 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor], tol: float) -> float:
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor on CPU needs a C++ compiler (make test installs g++)")
 def test_drmgf_step_step_compiled_with_inductor_equals_eager() -> None:
-    """Per-task gradients at the shared layers' outputs: those layers run eagerly between the
-    compiled segments, so the step (weights and Taylor importance) equals eager's."""
-    a, b = _train_both("drmgf-step", True)
+    """Per-task gradients at the shared layers' outputs: the graph is compiled whole with the
+    shared weights detached and a probe at each shared layer's output; the step (weights and
+    Taylor importance) equals eager's."""
+    a, b, tr = _train_both("drmgf-step", True)
+    assert isinstance(tr.method._plan["run"], ProbedGraph)
     _close(a, b, 1e-5)
 
 
@@ -97,12 +101,14 @@ def test_drmgf_step_step_compiled_with_inductor_equals_eager() -> None:
     ("equal", None), ("pcgrad", None), ("imta-ge", None), ("famo", None),
 ])
 def test_methods_compiled_equal_eager(method: str, config: dict[str, Any] | None) -> None:
-    a, b = _train_both(method, {"backend": "aot_eager"}, config)
+    a, b, tr = _train_both(method, {"backend": "aot_eager"}, config)
+    if method == "drmgf-step":  # depth mode: in segments between the eager shared layers
+        assert not isinstance(tr.method._plan["run"], ProbedGraph)
     _close(a, b, 1e-5)
 
 
 def test_compile_and_bf16_together() -> None:
-    a, b = _train_both("drmgf-step", {"backend": "aot_eager"}, precision="bf16")
+    a, b, _ = _train_both("drmgf-step", {"backend": "aot_eager"}, precision="bf16")
     assert all(bool(torch.isfinite(t).all()) for t in b)
     _close(a, b, 1e-2)
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -43,7 +43,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from routesurgeon.branches import on_branch_edges
-from routesurgeon.compile import cuda_graph_reason, eager_nodes
+from routesurgeon.compile import ProbedGraph, cuda_graph_reason, eager_nodes
 from routesurgeon.importance import _key
 from routesurgeon.methods.base import GradientMethod
 from routesurgeon.methods.registry import register_method
@@ -263,6 +263,7 @@ class DRMGFStep(GradientMethod):
         self.layer_of = {name.rsplit(".", 1)[0]: name for name in bank.names}
         self._graphs: dict[bool, dict[str, Any]] = {}
         self._ys: list[Tensor] = []
+        self._taps: list[Tensor] = []
         self._cut: list[Tensor] = []
         self._plan: dict[str, Any] | None = None
         named = dict(context.model.named_parameters())
@@ -316,8 +317,11 @@ class DRMGFStep(GradientMethod):
             raise NotImplementedError(
                 f"drmgf-step mode='depth': parameters {sorted(both)[:3]} are used on both sides "
                 f"of the cut at per_task_from={self.cfg.per_task_from!r}; choose another cut")
-        run = (self.compiler(eager_nodes(g, set(names), {_cut_identity: _cut_identity_eager}))
-               if self.compiler is not None else g)
+        run: Any = g
+        if self.compiler is not None and not cut_names and ProbedGraph.eligible(g, names):
+            run = ProbedGraph(g, names, self.compiler)  # whole, shared weights detached
+        elif self.compiler is not None:  # in segments between the eager shared layers
+            run = self.compiler(eager_nodes(g, set(names), {_cut_identity: _cut_identity_eager}))
         return {"gm": g, "run": run, "names": names, "cut_names": cut_names,
                 "upper_params": upper_params, "cut_at": cut_at}
 
@@ -370,6 +374,8 @@ class DRMGFStep(GradientMethod):
         out, ys, cut = plan["run"](*args, **kwargs)
         flat = [leaf for v in cut for leaf in (v if isinstance(v, tuple | list) else (v,))]
         self._ys = list(ys)
+        # where the per-task gradients are taken: the outputs, or a compiled graph's probes
+        self._taps = plan["run"].probes if isinstance(plan["run"], ProbedGraph) else self._ys
         self._cut = [c for c in flat if isinstance(c, Tensor) and c.requires_grad]
         return out
 
@@ -406,8 +412,8 @@ class DRMGFStep(GradientMethod):
         if plan is None or (not self._ys and not self._cut and (self.layer_of or plan["cut_at"])):
             raise RuntimeError("drmgf-step needs its own forward: call trainer.forward(...) "
                                "(or method.forward(...)) before backward")
-        ys, names, cut = self._ys, plan["names"], self._cut
-        self._ys, self._cut = [], []
+        ys, names, cut, taps = self._ys, plan["names"], self._cut, self._taps
+        self._ys, self._cut, self._taps = [], [], []
         upper = plan["upper_params"] if plan["cut_at"] > 0 else None
         # the dominance before this step's importance update, as per-channel factors T_W * D_t
         coef: dict[int, dict[int, Tensor]] = {}
@@ -436,7 +442,7 @@ class DRMGFStep(GradientMethod):
             y_idx = [k for k in range(len(names)) if i in coef[k]]
             pnames = [n for n in self.exclusive[t] + self.other_shared[t]
                       if upper is None or n in upper]
-            wanted = [ys[k] for k in y_idx] + list(cut) + [self.params[n] for n in pnames]
+            wanted = [taps[k] for k in y_idx] + list(cut) + [self.params[n] for n in pnames]
             if not wanted:
                 continue
             grads = torch.autograd.grad(scaled(losses[t], self.grad_scale), wanted,
@@ -478,11 +484,14 @@ class DRMGFStep(GradientMethod):
             bias = name[: -len("weight")] + "bias"
             if bias in self.params:
                 ps.append(self.params[bias])
-            wgrads = torch.autograd.grad(ys[k], ps, grad_outputs=g_out, retain_graph=True,
-                                         allow_unused=True)
-            for p, g in zip(ps, wgrads):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
+            run = plan["run"]
+            wgrads: Sequence[Tensor | None] = (
+                run.weight_grads(k, g_out) if isinstance(run, ProbedGraph) else
+                torch.autograd.grad(ys[k], ps, grad_outputs=g_out, retain_graph=True,
+                                    allow_unused=True))
+            for p, wg in zip(ps, wgrads):
+                if wg is not None:
+                    p.grad = wg if p.grad is None else p.grad + wg
         if self._hyper is not None:
             self._hyper.step(self._task_weight_grads(ys, names, per_task))
         # below the cut (depth mode): one backward of the summed gradients at the cut
