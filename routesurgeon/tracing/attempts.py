@@ -12,7 +12,7 @@ from torch import nn
 
 from routesurgeon.errors import TracingError
 from routesurgeon.tracing.inputs import _concrete_args
-from routesurgeon.tracing.library import _library_fixes
+from routesurgeon.tracing.library import _library_fixes, _library_hint
 from routesurgeon.tracing.modes import _probing_training, _TrainingProbe, preserved
 from routesurgeon.tracing.tracer import RouteTracer
 
@@ -145,6 +145,7 @@ def _trace_error(model: nn.Module, failure: _Failure, attempts: list[str]) -> Tr
         todo = (f"the failing op is in {mod_type}.forward itself, which cannot be an opaque leaf: "
                 f"move the data-dependent code into a submodule and pass its path in "
                 f"leaf_modules=[...], or into a function decorated with torch.fx.wrap.")
+    todo = _library_hint(model) or todo
     return TracingError(
         f"could not trace {type(model).__name__}: module {where!r} ({mod_type}) failed with "
         f"{type(failure.error).__name__}: {failure.error}{at}\n"

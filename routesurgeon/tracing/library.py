@@ -53,3 +53,15 @@ def _library_refusal(model: nn.Module) -> str | None:
 
         return refusal(model)
     return None
+
+
+def _library_hint(model: nn.Module) -> str:
+    """What to do when a known library's model fails to trace ("" for other models)."""
+    if any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+           for c in type(model).__mro__):
+        return (f"{type(model).__name__} is a Hugging Face transformers model, whose forward "
+                f"takes **kwargs through decorators that torch.fx cannot trace as the root: wrap "
+                f"it in routesurgeon.zoo_hf.HFTasks(model, input_name='input_ids' or "
+                f"'pixel_values', fields={{output field: task}}) and instrument that (or use "
+                f"build_model('hf:{type(model).__name__}')).")
+    return ""
