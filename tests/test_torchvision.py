@@ -125,3 +125,17 @@ def test_training_only_outputs_whose_eval_output_is_not_among_them_are_refused()
 def test_tv_spec_errors(spec: str, kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(InputError, match=match):
         rs.build_model(spec, **kwargs)
+
+
+def test_cli_inspect_tv_aux_and_detection_heads(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from routesurgeon.cli import main
+
+    assert main(["inspect", "tv:googlenet", "--aux", "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tasks"] == ["logits", "aux_logits2", "aux_logits1"]
+    assert data["per_task"]["aux_logits1"]["params"] < data["per_task"]["logits"]["params"]
+    assert main(["inspect", "tv:fasterrcnn_mobilenet_v3_large_320_fpn:heads", "--input-size",
+                 "64", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == ["objectness", "rpn_bbox_deltas"]
