@@ -75,6 +75,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/coverage_tv.jsonl")
     p.add_argument("--report", action="store_true", help="summarise the jsonl and exit")
     p.add_argument("--only", default=None, help="comma-separated specs to run")
+    p.add_argument("--reverse", action="store_true",
+                   help="last model first (a second worker on the same jsonl)")
     a = p.parse_args()
     path = Path(a.out)
     done = {}
@@ -87,7 +89,10 @@ def main() -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     only = set(a.only.split(",")) if a.only else None
-    for pop, spec, kwargs in specs():
+    todo = specs()[::-1] if a.reverse else specs()
+    for pop, spec, kwargs in todo:
+        if path.exists():  # another worker may have done it meanwhile
+            done.update({r["spec"]: r for r in map(json.loads, path.read_text().splitlines())})
         if spec in done or (only and spec not in only):
             continue
         row: dict[str, Any] = {"population": pop, "spec": spec, **kwargs}
