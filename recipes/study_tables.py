@@ -179,7 +179,8 @@ def study_markdown(records: Sequence[Mapping[str, Any]], study: str, budget: str
     best = best_baseline(view)
     tasks = sorted({k for per in view.values() for e in per.values() for k in e["test"]})
     head = ["method", "seeds", *[f"{k} %" for k in tasks], "mean acc %", "Δm % ↓",
-            "CPU s / run", "passes", f"vs {best}: Δ mean acc (pts)", "t-test p", "Wilcoxon p"]
+            "CPU s / run", "passes", f"vs {best or 'best baseline'}: Δ mean acc (pts)",
+            "t-test p", "Wilcoxon p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = []
     for m, per in view.items():
@@ -187,10 +188,12 @@ def study_markdown(records: Sequence[Mapping[str, Any]], study: str, budget: str
         accs = [_mean_acc(per[s]["test"]) for s in seeds]
         dms = [_delta_m(per[s]["test"], ref[s]) for s in seeds
                if s in ref and not m.startswith("single:")]
+        own = m.split(":", 1)[1] if m.startswith("single:") else None  # a single-task net
         cells = [m, str(len(seeds))]
         cells += [_fmt(*ci95([per[s]["test"][k] for s in seeds if k in per[s]["test"]]), 100)
-                  if any(k in per[s]["test"] for s in seeds) else "–" for k in tasks]
-        cells.append(_fmt(*ci95(accs), 100))
+                  if any(k in per[s]["test"] for s in seeds) and own in (None, k.split("/")[0])
+                  else "–" for k in tasks]
+        cells.append(_fmt(*ci95(accs), 100) if own is None else "–")
         cells.append(_fmt(*ci95(dms)) if dms else "–")
         cells.append(f"{np.mean([per[s]['cpu_s'] for s in seeds]):.0f}")
         cells.append(f"{np.mean([per[s]['passes'] for s in seeds]):.0f}")
@@ -202,7 +205,7 @@ def study_markdown(records: Sequence[Mapping[str, Any]], study: str, budget: str
                       f"{p['wilcoxon_p']:.3f}" if not math.isnan(p["wilcoxon_p"]) else "–"]
         else:
             cells += ["–", "–", "–"]
-        rows.append((m.startswith("single:"), -float(np.mean(accs)), cells))
+        rows.append((own is not None, -float(np.mean(accs)) if own is None else 0.0, cells))
     for _, _, cells in sorted(rows, key=lambda r: (not r[0], r[1])):
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
