@@ -131,6 +131,9 @@ def run(cfg: Config) -> dict[str, Any]:
             "shared_params": sum(p.numel() for p in surgeon.shared_parameters()),
             "first_losses": losses[0], "last_losses": losses[-1],
             "route_params": params,
+            "route_scores": sorted({r.meta["routesurgeon"].scores for r in routes.values()}),
+            "route_kept": {t: round(r.meta["routesurgeon"].mask.kept_fraction, 3)
+                           for t, r in routes.items()},
             "model_params": sum(p.numel() for p in heads.parameters()),
         }
     return results
