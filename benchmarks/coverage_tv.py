@@ -108,16 +108,25 @@ def main() -> None:
 
 
 def report(done: dict[str, dict[str, Any]]) -> None:
+    """The markdown section of docs/coverage.md: X / N per population, each failure's message."""
     pops: dict[str, list[dict[str, Any]]] = {}
     for r in done.values():
         pops.setdefault(r["population"], []).append(r)
+    print("| population | traced = eager, exported exactly, nothing pruned | trace paths |")
+    print("| --- | --- | --- |")
     for pop, rows in pops.items():
-        ok = sum(r["ok"] for r in rows)
-        print(f"{pop}: {ok} / {len(rows)}")
+        ok = sum(bool(r["ok"]) for r in rows)
+        paths: dict[str, int] = {}
         for r in rows:
-            if not r["ok"]:
-                print(f"  {r['spec']}: {r.get('error', 'not exact: ' + str(r.get('max_abs_diff')))}"
-                      [:400])
+            if r["ok"]:
+                paths[r["path"]] = paths.get(r["path"], 0) + 1
+        text = ", ".join(f"{k} {v}" for k, v in sorted(paths.items()))
+        print(f"| {pop} | {ok} / {len(rows)} ({100 * ok / len(rows):.1f} %) | {text} |")
+    failed = [r for r in done.values() if not r["ok"]]
+    print(f"\nFailures ({len(failed)}):\n")
+    for r in failed:
+        why = r.get("error") or f"route differs from eager by {r.get('max_abs_diff')}"
+        print(f"- `{r['spec']}`: {why.splitlines()[0][:400]}")
 
 
 if __name__ == "__main__":
