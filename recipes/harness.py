@@ -480,7 +480,8 @@ def export_routes(surgeon: rs.Surgeon, recipe: Recipe, cfg: RunConfig, seed: int
     keep = cfg.route_keep if keep is None else keep
     surgeon.eval()
     scores = surgeon.route_scores()
-    routes = surgeon.export_routes(keep=keep, scores=scores if scores else "magnitude",
+    # the package's default criterion once importance is learned (docs/results.md, route quality)
+    routes = surgeon.export_routes(keep=keep, scores=None if scores else "magnitude",
                                    tasks=list(tasks or recipe.tasks))
     x = surgeon.example_inputs()[0][:1]  # FLOPs per image
     bench = next(iter(Batches(recipe.test, 64, False)))[0]
@@ -499,7 +500,7 @@ def export_routes(surgeon: rs.Surgeon, recipe: Recipe, cfg: RunConfig, seed: int
         finetune_route(route, recipe, t, cfg, seed)
         after = evaluate(route, test, recipe, tasks=[t])
         out[t] = {
-            "keep": keep, "scores": "learned" if scores else "magnitude",
+            "keep": keep, "scores": route.meta["routesurgeon"].scores,
             "params": sum(p.numel() for p in route.parameters()), "full_params": full_params,
             "flops": count_flops(route, x), "full_flops": full_flops,
             "latency_ms": latency_ms(route, bench), "full_latency_ms": full_lat,

@@ -7,7 +7,8 @@ are named by a string in ``scores=``; those that need batches and task losses ar
 
 * ``learned`` (alias ``importance``): DR-MGF's dominance ``D_t`` (a filter's share of the task
   against the other tasks sharing it), averaged over the group's filters.
-* ``raw-importance``: the learned ``|A_t|`` itself (its magnitude, not its share).
+* ``raw-importance`` (the default, ``scores=None``): the learned ``|A_t|`` itself (its
+  magnitude, not its share).
 * ``magnitude``: the L2 norm of each filter alone (``routes.magnitude_scores``).
 * ``group-magnitude``: the L2 norm of every parameter slice that carries the group's channels
   (producing filters, norm weights, the input columns of consuming layers), averaged over the
@@ -38,12 +39,17 @@ from routesurgeon.tracing import mode
 if TYPE_CHECKING:
     from routesurgeon.surgeon import Surgeon
 
-__all__ = ["CRITERIA", "DATA_CRITERIA", "GroupScores", "criterion_scores", "param_reach"]
+__all__ = ["CRITERIA", "DATA_CRITERIA", "DEFAULT_CRITERION", "GroupScores", "criterion_scores",
+           "param_reach"]
 
 CRITERIA = ("learned", "raw-importance", "magnitude", "group-magnitude", "taylor", "snip",
             "disparse", "random")
 DATA_CRITERIA = ("taylor", "snip", "disparse")
 ALIASES = {"importance": "learned"}
+#: What ``scores=None`` selects by: the learned ``|A_t|``. In the route-quality study
+#: (docs/results.md) it kept more accuracy after BN recalibration than the dominance on
+#: recipes 1 and 2; the dominance measures a task's share of a filter, not its importance.
+DEFAULT_CRITERION = "raw-importance"
 
 
 @dataclass(frozen=True)

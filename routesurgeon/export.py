@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from routesurgeon.channels import ChannelGroups, Space
-from routesurgeon.criteria import GroupScores
+from routesurgeon.criteria import DEFAULT_CRITERION, GroupScores
 from routesurgeon.errors import ExportError, InputError, TaskError
 from routesurgeon.routes import RouteInfo, RouteMask, route_mask, union_mask
 
@@ -351,7 +351,9 @@ def _check_one(got: Any, want: torch.Tensor, what: str, tol: float) -> float:
 
 
 def _scores_kind(scores: Any) -> str:
-    if scores is None or scores == "importance":
+    if scores is None:
+        return DEFAULT_CRITERION
+    if scores == "importance":
         return "importance"
     if isinstance(scores, GroupScores):
         return scores.criterion

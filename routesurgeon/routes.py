@@ -19,7 +19,14 @@ import torch
 import torch.fx as fx
 
 from routesurgeon.budgets import cost_model, fit_budget
-from routesurgeon.criteria import CRITERIA, GroupScores, canonical, named_scores, table_scores
+from routesurgeon.criteria import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    GroupScores,
+    canonical,
+    named_scores,
+    table_scores,
+)
 from routesurgeon.errors import InputError, TaskError
 from routesurgeon.selection import SELECTIONS, Selector
 
@@ -156,8 +163,9 @@ def table_group_scores(surgeon: Surgeon, table: Mapping[str, Mapping[str, Any]],
 def _group_scores(surgeon: Surgeon, scores: Scores) -> GroupScores:
     if isinstance(scores, GroupScores):
         return scores
-    if scores is None:
-        return table_scores(surgeon, "learned", _resolve_scores(surgeon, scores))
+    if scores is None:  # the default criterion (docs/results.md, route quality)
+        _resolve_scores(surgeon, scores)  # the same error as before when nothing was learned
+        return named_scores(surgeon, DEFAULT_CRITERION)
     if isinstance(scores, str):
         name = canonical(scores)
         if name == "learned":
@@ -205,8 +213,10 @@ def route_mask(
 ) -> RouteMask:
     """The channel groups ``task`` keeps (see the module docstring).
 
-    ``scores``: a criterion name of ``routesurgeon.criteria.CRITERIA`` (default: the learned
-    dominance), a ``{layer: {task: per-filter scores}}`` dict, or ``criterion_scores(...)``.
+    ``scores``: a criterion name of ``routesurgeon.criteria.CRITERIA`` (default ``None``:
+    ``DEFAULT_CRITERION``, the learned importance ``|A_t|``, which held routes' accuracy better
+    than the dominance in docs/results.md), a ``{layer: {task: per-filter scores}}`` dict, or
+    ``criterion_scores(...)``.
     ``select``: ``"layer"`` (keep a fraction of each layer's groups) or ``"global"`` (one
     ranking over the route, scores normalised per layer). ``budget_flops`` / ``budget_params``:
     instead of ``keep``, the largest route whose FLOPs per sample / parameters are at most that
@@ -232,7 +242,7 @@ def route_mask(
     groups = surgeon.channel_groups
     # keep=1.0 keeps every group the task reaches: scores cannot change the route, none needed
     keep_all = threshold is None and not budgets and float(keep) >= 1.0  # type: ignore[arg-type]
-    if keep_all and scores in (None, "importance", "learned"):
+    if keep_all and scores in (None, "importance", "learned", "raw-importance"):
         table = GroupScores("learned", {task: np.full(groups.n_groups, np.inf)})
     else:
         table = _group_scores(surgeon, scores)

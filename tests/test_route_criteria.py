@@ -183,3 +183,15 @@ def test_torch_pruning_anchor(net: nn.Module, x: torch.Tensor, importance: str) 
     assert r.c2.out_channels < net.c2.out_channels and r.ha.out_features == 5
     assert r(x).shape == (2, 5)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+
+
+def test_default_criterion_is_the_learned_importance_magnitude(trained: rs.Surgeon) -> None:
+    from routesurgeon.criteria import DEFAULT_CRITERION
+
+    assert DEFAULT_CRITERION == "raw-importance"
+    for t in trained.tasks:
+        default = trained.route_masks(t, keep=0.5).pruned
+        assert np.array_equal(default, trained.route_masks(t, keep=0.5,
+                                                           scores="raw-importance").pruned)
+    route = trained.export_routes(keep=0.5, tasks=["a"])["a"]
+    assert route.meta["routesurgeon"].scores == "raw-importance"
