@@ -28,9 +28,15 @@ import routesurgeon as rs
 from routesurgeon.outputs import output_names
 from routesurgeon.zoo_tv import AUX_MODELS, tv_population
 
+# Hugging Face classes built by hf:CLASS (small configs): pre-training heads, or base models
+# with two heads on the pooled output
+HF_CLASSES = ("BertForPreTraining", "BertModel", "RobertaModel", "ViTModel", "DeiTModel",
+              "BeitModel", "ConvNextModel", "ConvNextV2Model", "SwinModel", "ResNetModel")
+
 
 def specs() -> list[tuple[str, str, dict[str, Any]]]:
-    out: list[tuple[str, str, dict[str, Any]]] = []
+    out: list[tuple[str, str, dict[str, Any]]] = [
+        ("huggingface", f"hf:{c}", {}) for c in HF_CLASSES]
     for pop, names in tv_population().items():
         for name in names:
             if pop == "detection":

@@ -55,11 +55,20 @@ class HFTasks(nn.Module):
         return tasks
 
 
+_SMALL = {  # config class name prefix -> small settings, for families the generic ones miss
+    "ConvNext": _CONV,
+    "Swin": dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=32, patch_size=4,
+                 window_size=4),
+    "ResNet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]),
+}
+
+
 def _small_config(cls: type, config_cls: type) -> Any:
     name = config_cls.__name__
-    if name.startswith("ConvNext"):
-        return config_cls(**_CONV)
-    if hasattr(config_cls(), "patch_size"):
+    for prefix, small in _SMALL.items():
+        if name.startswith(prefix):
+            return config_cls(**small)
+    if getattr(cls, "main_input_name", "input_ids") == "pixel_values":
         return config_cls(**_VISION)
     return config_cls(**_TEXT)
 
@@ -83,9 +92,9 @@ def build_hf(class_name: str, num_classes: int = 10, **kwargs: Any) -> Any:
     torch.manual_seed(0)
     model = cls(config).eval()
     g = torch.Generator().manual_seed(0)
-    vision = hasattr(config, "image_size")
+    vision = getattr(cls, "main_input_name", "input_ids") == "pixel_values"
     if vision:
-        size = int(config.image_size)
+        size = int(getattr(config, "image_size", 32))
         example = torch.randn(2, int(getattr(config, "num_channels", 3)), size, size, generator=g)
         input_name = "pixel_values"
     else:
