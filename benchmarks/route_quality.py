@@ -215,6 +215,43 @@ def run(study: Study, out: Path, log: Callable[[str], None] = print) -> None:
                 + f" ({rec['wall_s']:.0f}s)")
 
 
+# -- why a criterion loses ------------------------------------------------------------------------
+
+
+def _spearman(a: Any, b: Any) -> float:
+    import numpy as np
+
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    c = np.corrcoef(ra, rb)[0, 1]
+    return float(c) if np.isfinite(c) else 0.0
+
+
+def diagnose(study: Study, out: Path) -> str:
+    """Per cached (recipe, seed) model and task: the median over shared layers of the rank
+    correlation between the dominance D_t and the learned |A_t|, and the spread of the layers'
+    mean |A_t| (max / min), the scale a global ranking has to bridge."""
+    import numpy as np
+
+    from routesurgeon.criteria import raw_importance_table
+
+    recipe = make_recipe(study)
+    lines = ["| recipe | seed | task | shared layers | median rank corr. (dominance, |A|) | "
+             "layer-mean |A| max / min |", "|---|---|---|---|---|---|"]
+    for seed in study.seeds:
+        cache = out.with_name(f"{out.stem}-{study.recipe}-seed{seed}.pt")
+        if not cache.exists():
+            continue
+        surgeon = trained_surgeon(recipe, study, seed, cache)
+        dom, raw = surgeon.route_scores() or {}, raw_importance_table(surgeon)
+        for t in surgeon.tasks:
+            pairs = [(dom[k][t].numpy(), raw[k][t].numpy()) for k in dom if t in dom[k]]
+            rho = [_spearman(d, r) for d, r in pairs]
+            means = [float(r.mean()) for _, r in pairs]
+            lines.append(f"| {study.recipe} | {seed} | {t} | {len(pairs)} | "
+                         f"{np.median(rho):.2f} | {max(means) / min(means):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- summaries ------------------------------------------------------------------------------------
 
 
@@ -276,6 +313,30 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def task_table(rows: list[dict[str, Any]], budget: float = 0.5) -> str:
+    """Per recipe at ``budget``: per variant and task, route/full metric recalibrated and
+    fine-tuned (mean ± std over seeds)."""
+    lines = []
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        rr = [r for r in rows if r["recipe"] == recipe and r["budget"] == budget]
+        tasks = list(dict.fromkeys(r["task"] for r in rr))
+        if not rr:
+            continue
+        lines += [f"#### {recipe} at {budget} of the FLOPs: per task, route/full metric "
+                  "recalibrated / fine-tuned (mean ± std over seeds)", "",
+                  "| variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for v in dict.fromkeys(r["variant"] for r in rr):
+            cells = []
+            for t in tasks:
+                sel = [r for r in rr if r["variant"] == v and r["task"] == t]
+                rec = _ms([relative(r, "recalibrated") for r in sel])
+                ft = _ms([relative(r, "finetuned") for r in sel if "finetuned" in r])
+                cells.append(f"{rec} / {ft}")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def curve(rows: list[dict[str, Any]], path: Path, stage: str = "recalibrated") -> Path:
     """PNG: per recipe, route/full metric against kept FLOPs, one line per variant."""
     from routesurgeon.viz.quality import save_quality_curve
@@ -303,6 +364,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--summarise", type=Path, nargs="+", help="jsonl files: print the table")
     p.add_argument("--md", type=Path, help="with --summarise: write the table here")
     p.add_argument("--png", type=Path, help="with --summarise: write the curve here")
+    p.add_argument("--diagnose", action="store_true", help="dominance against |A| per task, "
+                   "from the cached models beside --out")
     return p.parse_args(argv)
 
 
@@ -328,12 +391,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     if a.summarise:
         rows = load(a.summarise)
-        text = table(rows)
+        text = table(rows) + "\n" + task_table(rows)
         print(text)
         if a.md:
             a.md.write_text(text)
         if a.png:
             print(f"curve in {curve(rows, a.png)}")
+        return
+    if a.diagnose:
+        print(diagnose(study_of(a), a.out))
         return
     run(study_of(a), a.out, log=lambda s: print(s, flush=True))
 
