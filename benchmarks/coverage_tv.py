@@ -83,6 +83,8 @@ def main() -> None:
     p.add_argument("--write", default=None, help="with --report: update this markdown file's "
                    "section (docs/coverage.md)")
     p.add_argument("--only", default=None, help="comma-separated specs to run")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run again the models whose last row failed (the new row wins)")
     p.add_argument("--reverse", action="store_true",
                    help="last model first (a second worker on the same jsonl)")
     a = p.parse_args()
@@ -102,10 +104,14 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     only = set(a.only.split(",")) if a.only else None
     todo = specs()[::-1] if a.reverse else specs()
+    start = len(path.read_text().splitlines()) if path.exists() else 0
     for pop, spec, kwargs in todo:
-        if path.exists():  # another worker may have done it meanwhile
-            done.update({r["spec"]: r for r in map(json.loads, path.read_text().splitlines())})
-        if spec in done or (only and spec not in only):
+        rows = path.read_text().splitlines() if path.exists() else []
+        # rows written since this run started (by it or another worker) count as done
+        retried = {json.loads(x)["spec"] for x in rows[start:]}
+        done.update({r["spec"]: r for r in map(json.loads, rows)})
+        again = a.retry_failed and spec not in retried
+        if (spec in done and (done[spec]["ok"] or not again)) or (only and spec not in only):
             continue
         row: dict[str, Any] = {"population": pop, "spec": spec, **kwargs}
         try:

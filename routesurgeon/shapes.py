@@ -22,8 +22,26 @@ def _meta(value: Any) -> Any:
     return None
 
 
+def _mutable(value: Any) -> Any:
+    """fx's immutable list/dict arguments as fresh plain ones, as the generated code passes them
+    (torchvision's wrapped ``_get_window_and_shift_size`` assigns into its list arguments)."""
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+    if isinstance(value, immutable_list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, immutable_dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
 class ShapeRecorder(fx.Interpreter):
     """An interpreter that stores each node's output shape in ``node.meta['rs_shape']``."""
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)

@@ -65,17 +65,15 @@ class _Heads(nn.Module):
         return {name: head(z) for name, head in self.heads.items()}
 
 
-def _strip_classifier(model: nn.Module, name: str) -> tuple[nn.Module, int]:
+def _strip_classifier(model: nn.Module, classes: int) -> tuple[nn.Module, int]:
     """``model`` with its last ``nn.Linear`` replaced by ``nn.Identity``, and that layer's input
-    width; models whose classifier is a conv (SqueezeNet) keep it and return its class scores."""
+    width; models whose classifier is a conv (SqueezeNet, S3D) keep it: the heads take its
+    class scores."""
     last = None
     for path, m in model.named_modules():
         if isinstance(m, nn.Linear):
             last = path
-    if last is None:
-        classes = getattr(model, "num_classes", None)
-        if not isinstance(classes, int):
-            raise InputError(f"tv:{name} has no nn.Linear classifier to replace by heads")
+    if last is None:  # a conv classifier (SqueezeNet, S3D): the heads take its class scores
         return model, classes
     parent_path, _, attr = last.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -91,8 +89,8 @@ def _example(pop: str, name: str, size: int | tuple[int, int] | None, batch: int
         t, h, w = _VIDEO_SIZE
         if size is not None:
             h, w = (size, size) if isinstance(size, int) else size
-        if name.startswith(("mvit", "s3d")):  # fixed temporal/spatial sizes
-            t, h, w = (16, 224, 224) if name.startswith("mvit") else (8, max(h, 112), max(w, 112))
+        if name.startswith(("mvit", "s3d")):  # fixed sizes (S3D's 2x7x7 average pool)
+            t, h, w = 16, 224, 224
         return torch.randn(batch, 3, t, h, w, generator=g)
     default = 224 if name.startswith(("vit_", "swin", "maxvit")) else _MIN_SIZE.get(name, 64)
     if pop == "detection":
@@ -151,7 +149,7 @@ def build_tv(name: str, part: str = "", aux: bool = False, heads: int = 3, num_c
         tasks = ["logits", "aux_logits2", "aux_logits1"] if name == "googlenet" else [
             "logits", "aux_logits"]
         return BuiltModel(f"tv:{name}", model.eval(), example, tasks)
-    backbone, width = _strip_classifier(model, name)
+    backbone, width = _strip_classifier(model, num_classes)
     names = ["cls", "aux", *(f"head{i}" for i in range(2, heads))][:heads]
     return BuiltModel(f"tv:{name}", _Heads(backbone, width, names, num_classes).eval(), example,
                       names)
