@@ -14,6 +14,28 @@ from routesurgeon.outputs import output_names
 pytest.importorskip("torchvision")
 
 
+def _zero_first(sizes: list[int], x: torch.Tensor) -> torch.Tensor:
+    sizes[0] = 0  # assigns into its list argument, like torchvision's Swin3D helper
+    return x * (1 + sizes[0])
+
+
+torch.fx.wrap("_zero_first")
+
+
+class _Mutates(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"a": self.a(_zero_first([2, 3], x)), "b": self.b(x)}
+
+
+def test_wrapped_function_assigning_into_a_list_argument() -> None:
+    s = rs.instrument(_Mutates(), torch.randn(2, 3, 4, 4))  # the shape recorder runs it
+    assert s.tasks == ["a", "b"]
+
+
 def _eager(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         return dict(output_names(model.eval()(x)))
