@@ -118,6 +118,17 @@ class Surgeon(nn.Module):
         params = dict(self.model.named_parameters())
         return self.importance_bank.gated_call(self.graph_module, params, task, args, kwargs)
 
+    def task_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward, with every task's output also in eval mode: when the model's eval forward
+        drops training-only outputs (GoogLeNet's aux logits), the analysed graph (its train code
+        with modules in eval mode) runs instead."""
+        if self.training or self.traced.inference_graph is None:
+            return self(*args, **kwargs)
+        check_call_inputs(self.model, self._example_meta, args, kwargs)
+        if self.traced.specialized:
+            self._check_shapes(args, kwargs)
+        return self.traced.eval_graph(*args, **kwargs)
+
     @contextlib.contextmanager
     def route(self, task: str) -> Iterator[None]:
         """Within this context and in train mode, the forward is task ``task``'s gated forward.

@@ -530,7 +530,7 @@ class Trainer:
             for inputs, targets in loader:
                 args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
                 with self.autocast():
-                    outs = self.task_outputs(self.surgeon(*args))
+                    outs = self.task_outputs(self.surgeon.task_forward(*args))
                 b = len(next(iter(targets.values())))
                 for t, fn in metric_fns.items():
                     totals[t] = totals.get(t, 0.0) + float(fn(outs[t], targets[t])) * b

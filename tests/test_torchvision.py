@@ -88,6 +88,10 @@ def test_googlenet_training_only_aux_logits_are_tasks() -> None:
         assert tr.train_step(x, {t: y for t in s.tasks}, losses) is not None
     for name in ("fc.weight", "aux1.fc2.weight", "aux2.fc2.weight", "conv1.conv.weight"):
         assert not torch.equal(before[name], dict(model.named_parameters())[name]), name
+    # evaluation scores every task, the training-only ones too (their heads run in eval mode)
+    acc = {t: (lambda o, y: float((o.argmax(1) == y).float().mean())) for t in s.tasks}
+    metrics = tr.evaluate([(x, {t: y for t in s.tasks})], acc)
+    assert sorted(metrics) == sorted(s.tasks)
     # one exact route per task; the logits route is the eval model, an aux route holds no fc
     s.eval()
     routes = s.export_routes(keep=1.0)
