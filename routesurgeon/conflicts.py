@@ -182,7 +182,7 @@ LossFn = Callable[[Tensor, Any], Tensor]
 def _batch_losses(surgeon: Surgeon, inputs: Any, targets: Mapping[str, Any],
                   loss_fns: Mapping[str, LossFn]) -> dict[str, Tensor]:
     args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    out = surgeon(*args)
+    out = surgeon.task_forward(*args)
     spec = surgeon.outputs
     values = leaf_values(out, spec.task_outputs)
     losses = {}

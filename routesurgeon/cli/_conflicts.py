@@ -58,7 +58,7 @@ def _synthetic(surgeon: Any, example: Any, batches: int, size: int, seed: int
     for _ in range(batches):
         inputs = tuple(torch.randn((size, *x.shape[1:]), generator=g, dtype=x.dtype) for x in xs)
         with torch.no_grad():
-            outs = _task_outputs(surgeon, surgeon(*inputs))
+            outs = _task_outputs(surgeon, surgeon.task_forward(*inputs))
         kinds = kinds or {t: _kind(o) for t, o in outs.items()}
         data.append((inputs, {t: _target(o, kinds[t], g) for t, o in outs.items()}))
     return data, kinds
