@@ -139,8 +139,12 @@ DeepLabV3 and FCN with `aux_loss`), and every detector's backbone + FPN + heads
 compared with the eager output of its task, and no layer it computes narrower than the model's.
 Rows appended by `benchmarks/coverage_tv.py` (resumable, not a CI test; the test suite keeps a
 sample in tests/test_torchvision.py, tests/test_detection.py and tests/test_hf.py).
-Hugging Face: `hf:BertForPreTraining` (`mlm`, `nsp`), `hf:ViTModel` and `hf:ConvNextModel` (two
-heads) instrument, train and export exactly (tests/test_hf.py).
+Hugging Face classes are built by `hf:CLASS` from small configs (`*ForPreTraining` with its own
+heads, base `*Model` classes with two heads on the pooled output) through `HFTasks`, a root with
+explicit inputs: a transformers `forward` (`**kwargs` through decorators) cannot be the fx root,
+and instrumenting one directly fails with an error that says to wrap it. BERT-family embeddings
+become an opaque leaf (`fx-concrete+leaf`: their `token_type_ids` buffer expand does not trace),
+so their embedding channels are never pruned.
 """
 
 
