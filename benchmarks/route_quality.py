@@ -235,8 +235,8 @@ def diagnose(study: Study, out: Path) -> str:
     from routesurgeon.criteria import raw_importance_table
 
     recipe = make_recipe(study)
-    lines = ["| recipe | seed | task | shared layers | median rank corr. (dominance, |A|) | "
-             "layer-mean |A| max / min |", "|---|---|---|---|---|---|"]
+    lines = ["| recipe | seed | task | shared layers | median rank corr. (dominance, abs A_t) | "
+             "layer-mean abs A_t, max / min |", "|---|---|---|---|---|---|"]
     for seed in study.seeds:
         cache = out.with_name(f"{out.stem}-{study.recipe}-seed{seed}.pt")
         if not cache.exists():

@@ -61,13 +61,21 @@ def quality_points(rows: Sequence[Mapping[str, Any]], stage: str = "recalibrated
     return out
 
 
+def _colours(points: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """One colour per variant, the same in every panel."""
+    names = sorted({v for per in points.values() for v in per})
+    return {v: _PALETTE[i % len(_PALETTE)] for i, v in enumerate(names)}
+
+
 def quality_svg(rows: Sequence[Mapping[str, Any]], stage: str = "recalibrated") -> str:
     """Inline SVG charts, one per recipe (empty string without rows)."""
     charts = []
-    for recipe, per in quality_points(rows, stage).items():
-        series = [_Series(v, _PALETTE[i % len(_PALETTE)], "4 3" if v.startswith("tp-") else "",
+    points = quality_points(rows, stage)
+    colour = _colours(points)
+    for recipe, per in points.items():
+        series = [_Series(v, colour[v], "4 3" if v.startswith("tp-") else "",
                           [p[0] for p in pts], [p[1] for p in pts])
-                  for i, (v, pts) in enumerate(sorted(per.items()))]
+                  for v, pts in sorted(per.items())]
         charts.append(_line_chart(series, f"{recipe}: route / full metric ({stage})",
                                   width=420, height=240, xlabel="kept FLOPs"))
     return "".join(charts)
@@ -85,19 +93,26 @@ def save_quality_curve(rows: Sequence[Mapping[str, Any]], path: str | Path,
     points = quality_points(rows, stage)
     if not points:
         raise InputError(f"no route-quality rows with stage {stage!r} to draw")
-    fig, axes = plt.subplots(1, len(points), figsize=(5.2 * len(points), 4.2), squeeze=False)
+    colour = _colours(points)
+    fig, axes = plt.subplots(1, len(points), figsize=(5.2 * len(points) + 1.8, 4.2),
+                             squeeze=False)
     for ax, (recipe, per) in zip(axes[0], points.items()):
-        for i, (v, pts) in enumerate(sorted(per.items())):
+        for v, pts in sorted(per.items()):
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                        label=v, color=_PALETTE[i % len(_PALETTE)], capsize=2, marker="o",
+                        label=v, color=colour[v], capsize=2, marker="o",
                         markersize=3, linestyle="--" if v.startswith("tp-") else "-")
         ax.axhline(0.9, color="#94a3b8", linewidth=0.8, linestyle=":")
         ax.set_title(f"{recipe} ({stage})", fontsize=10)
         ax.set_xlabel("kept FLOPs (fraction of the task's network)")
         ax.set_ylabel("route metric / full model metric")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend([handles[k] for k in sorted(handles)], sorted(handles), fontsize=7,
+               loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (5.2 * len(points) + 1.8), 1))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
