@@ -198,7 +198,8 @@ def study_markdown(records: Sequence[Mapping[str, Any]], study: str, budget: str
         cells.append(f"{np.mean([per[s]['cpu_s'] for s in seeds]):.0f}")
         cells.append(f"{np.mean([per[s]['passes'] for s in seeds]):.0f}")
         common = [s for s in seeds if best and s in view[best]]
-        if best and m != best and not m.startswith("single:") and len(common) >= 2:
+        same = best == TUNED and _is_equal_lr(m)  # a member of the sweep tuned-equal picks from
+        if best and m != best and not m.startswith("single:") and not same and len(common) >= 2:
             p = paired_tests([_mean_acc(per[s]["test"]) for s in common],
                              [_mean_acc(view[best][s]["test"]) for s in common])
             cells += [_fmt(p["diff"], p["half"], 100), f"{p['t_p']:.3f}",
