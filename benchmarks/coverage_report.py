@@ -123,6 +123,16 @@ def section(rows: dict[str, dict[str, Any]], population: dict[str, dict[str, Any
         "model's (the rest agree within 1e-5 relative).",
         "",
     ]
+    if beyond:
+        ran = {r["spec"][5:] for r in beyond if r["form"] == "features_only"} | done_feat
+        larger = sorted((p for p in population.values() if "params" in p),
+                        key=lambda p: (p["params"], p["name"]))
+        first_missing = next((p for p in larger if p["name"] not in ran), None)
+        upto = (f"every registry architecture below {first_missing['params'] / 1e6:.1f} M "
+                f"parameters" if first_missing else "every registry architecture")
+        lines += [f"Above the bound, the run went on with `features_only`, the smallest first: "
+                  f"it has a result for {upto}, {len(ran)} of the {n_reg} registry names in "
+                  "all.", ""]
     heads_beyond = [r for r in beyond if r["form"] == "+3 heads"]
     if heads_beyond:
         ok = sum(r["status"] == "ok" for r in heads_beyond)
