@@ -93,8 +93,31 @@ def inplace_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if _mutates(gm, n)]
 
 
+_PURE_MODULES = ("torch", "operator", "math", "builtins", "_operator")
+
+
+def _unused_user_call(n: fx.Node) -> bool:
+    """A call of a wrapped user function (``torch.fx.wrap``) whose result nothing uses: it can
+    only matter through a side effect, e.g. torchvision MViT's ``_add_shortcut`` adding into its
+    argument in place."""
+    if n.op != "call_function" or n.users:
+        return False
+    module = getattr(n.target, "__module__", "") or ""
+    return module.split(".")[0] not in _PURE_MODULES
+
+
 def check_inplace(gm: fx.GraphModule) -> None:
     """Refuse in-place ops whose mutation another node could observe (see the module doc)."""
+    for n in gm.graph.nodes:
+        if _unused_user_call(n):
+            fn = getattr(n.target, "__name__", str(n.target))
+            name = f"{getattr(n.target, '__module__', '')}.{fn}"
+            raise TracingError(
+                f"wrapped function {name} (node {n.name!r}) returns a value nothing uses, so it "
+                f"can only matter by mutating its arguments in place; route extraction would "
+                f"drop it and compute something else. Make it return its result and use that "
+                f"(x = f(x, ...)), or pass the module that calls it in leaf_modules=[...]."
+            )
     for n in inplace_nodes(gm):
         target = n.args[0] if n.args else None
         where = str(n.target) if n.op == "call_module" else f"{n.op} {n.target}"

@@ -165,3 +165,26 @@ def test_cli_inspect_tv_aux_and_detection_heads(capsys: pytest.CaptureFixture[st
     assert main(["inspect", "tv:fasterrcnn_mobilenet_v3_large_320_fpn:heads", "--input-size",
                  "64", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["tasks"] == ["objectness", "rpn_bbox_deltas"]
+
+
+def _add_into(x: torch.Tensor, y: torch.Tensor) -> None:
+    x.add_(y)  # mutates its argument; returns nothing (torchvision MViT's _add_shortcut)
+
+
+torch.fx.wrap("_add_into")
+
+
+class _SideEffect(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.a(x)
+        _add_into(y, x)
+        return {"a": y.mean((2, 3)), "b": self.b(y)}
+
+
+def test_wrapped_function_mutating_its_argument_is_refused() -> None:
+    with pytest.raises(TracingError, match=r"_add_into.*returns a value nothing uses.*mutating"):
+        rs.instrument(_SideEffect(), torch.randn(2, 3, 4, 4))
