@@ -244,7 +244,7 @@ def _smp_archs() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shard", default="0/1", help="i/n: every n-th model starting at the i-th")
-    p.add_argument("--max-params", type=float, default=30e6)
+    p.add_argument("--max-params", type=float, default=20e6)
     p.add_argument("--input", type=int, default=96, help="the small input size tried first")
     p.add_argument("--forms", choices=["features", "heads", "both"], default="both")
     p.add_argument("--smp", action="store_true", help="smp architectures x encoders instead")
