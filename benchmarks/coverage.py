@@ -377,11 +377,11 @@ def write_report(rows: list[dict[str, Any]], path: Path, command: str) -> None:
                 if v.startswith("fail") or v == "wrong":
                     lines.append(f"- `{r['key']}` {name}: {v}")
         lines.append("")
-    # keep the whole-population section benchmarks/coverage_report.py writes
+    # keep the sections other scripts write between <!-- NAME:begin ... --> and <!-- NAME:end -->
+    # (benchmarks/coverage_report.py, benchmarks/coverage_tv.py)
     old = path.read_text() if path.exists() else ""
-    begin, end = "<!-- coverage_timm:begin", "<!-- coverage_timm:end -->"
-    if begin in old and end in old:
-        lines.append(begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n")
+    for block in re.finditer(r"<!-- (\w+):begin.*?<!-- \1:end -->", old, flags=re.S):
+        lines.append(block.group(0) + "\n")
     path.write_text("\n".join(lines))
 
 
