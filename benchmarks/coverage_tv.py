@@ -165,6 +165,14 @@ def report(done: dict[str, dict[str, Any]]) -> list[str]:
                 paths[r["path"]] = paths.get(r["path"], 0) + 1
         text = ", ".join(f"{k} {v}" for k, v in sorted(paths.items()))
         out(f"| {pop} | {ok} / {len(rows)} ({100 * ok / len(rows):.1f} %) | {text} |")
+    both = pops.get("classification", []) + pops.get("segmentation", [])
+    if both:
+        ok = sum(bool(r["ok"]) for r in both)
+        out(f"\nClassification + segmentation: **{ok} / {len(both)}** "
+            f"({100 * ok / len(both):.1f} %).")
+    missing = [spec for _, spec, _ in specs() if spec not in done]
+    if missing:
+        out(f"\nNot run yet (the sweep resumes with them): {', '.join(missing)}.")
     failed = [r for r in done.values() if not r["ok"]]
     out(f"\nFailures ({len(failed)}):\n")
     for r in failed:
