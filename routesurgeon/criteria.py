@@ -284,7 +284,7 @@ def _taylor(surgeon: Surgeon, loader: Iterable[Any], losses: Mapping[str, Any],
                     axis = groups.spaces[n].axis
                     prod = (a.detach() * g).movedim(axis, -1)
                     per_sample = prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1).abs()
-                    id_sum[t][layers[n]["out"]] += per_sample.sum(0).double().numpy()
+                    id_sum[t][layers[n]["out"]] += per_sample.sum(0).double().cpu().numpy()
             for n in nodes:
                 id_seen[layers[n]["out"]] = 1
     per_task = {}

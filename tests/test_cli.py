@@ -232,6 +232,19 @@ def test_export_keep_all_needs_no_scores(
     assert read_manifest(out / "cls")["selection"]["keep"] == 1.0
 
 
+@pytest.mark.parametrize("scores", ["group-magnitude", "random"])
+def test_export_takes_the_data_free_criteria(
+    scores: str, factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "routes"
+    argv = ["export", f"{factory}:make", "--tasks", "cls,seg", "--keep", "0.5", "--scores",
+            scores, "--latency-repeats", "1", "--formats", "pt", "--out", str(out)]
+    assert main(argv) == 0
+    assert f"routes (keep 0.5, scores {scores})" in capsys.readouterr().out
+    m = read_manifest(out / "cls")
+    assert 0 < m["params"] < m["full_model"]["params"]  # pruned by that criterion, verified
+
+
 def test_export_saves_verified_routes_and_refuses_overwrite(
     factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

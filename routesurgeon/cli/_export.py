@@ -16,6 +16,9 @@ from routesurgeon.cli._loading import _formats, _keep, _load, _model_args, _posi
 from routesurgeon.cli._output import EXIT_OK, _line, _pct, _si, _status
 from routesurgeon.errors import InputError
 
+# criteria that read the learned importance variables (need a trained run's checkpoint)
+_LEARNED = ["importance", "learned", "raw-importance"]
+
 
 def _kept_fraction(route: nn.Module) -> float:
     info = getattr(route, "meta", {}).get("routesurgeon")
@@ -57,10 +60,11 @@ def _cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     from routesurgeon.saving import save_routes
 
     keep_all = args.threshold is None and args.keep >= 1.0  # keeps every channel: no scores
-    if args.scores == "importance" and not args.checkpoint and not keep_all:
+    if args.scores in _LEARNED and not args.checkpoint and not keep_all:
         raise InputError(
-            "--scores importance needs --checkpoint PATH (a run trained with "
-            "drmgf or drmgf-step); a freshly built model has only --scores magnitude"
+            f"--scores {args.scores} needs --checkpoint PATH (a run trained with "
+            "drmgf or drmgf-step); a freshly built model has only magnitude, group-magnitude "
+            "or random scores"
         )
     _check_file(args.checkpoint)  # before the (slow) build and trace
     out_dir = Path(args.out)
@@ -140,9 +144,12 @@ def add_parser(
     )
     p.add_argument(
         "--scores",
-        choices=["magnitude", "importance"],
+        choices=["magnitude", "group-magnitude", "random", *_LEARNED],
         default="magnitude",
-        help="channel scores: weight magnitude (default) or learned importance",
+        help="channel scores without data: weight magnitude (default), coupled-group magnitude, "
+        "random, or learned ones from --checkpoint (importance/learned: DR-MGF dominance; "
+        "raw-importance: the learned |A_t|). Data-driven criteria (taylor, snip, disparse): "
+        "routesurgeon.criterion_scores in Python",
     )
     p.add_argument(
         "--union",
