@@ -25,29 +25,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _common import Heads, sync
 
 import routesurgeon as rs
-
-
-class Heads(nn.Module):
-    def __init__(self, arch: str, tasks: int) -> None:
-        super().__init__()
-        import timm
-
-        self.trunk = timm.create_model(arch, pretrained=False, num_classes=0)
-        self.heads = nn.ModuleDict({f"t{i}": nn.Linear(self.trunk.num_features, 10)
-                                    for i in range(tasks)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.trunk(x)
-        return {k: h(z) for k, h in self.heads.items()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 CLOCK = time.perf_counter
 
@@ -57,10 +37,10 @@ def _median_times(fns: dict[str, Callable[[], Any]], rounds: int, device: torch.
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            _sync(device)
+            sync(device)
             t0 = CLOCK()
             f()
-            _sync(device)
+            sync(device)
             times[k].append(CLOCK() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 

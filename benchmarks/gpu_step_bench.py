@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _common import Heads, sync
 
 import routesurgeon as rs
 from routesurgeon.report import device_name
@@ -29,30 +29,11 @@ from routesurgeon.report import device_name
 STEP_METHODS = ("equal", "drmgf-step", "pcgrad")
 
 
-class Heads(nn.Module):
-    def __init__(self, arch: str, tasks: int) -> None:
-        super().__init__()
-        import timm
-
-        self.trunk = timm.create_model(arch, pretrained=False, num_classes=0)
-        self.heads = nn.ModuleDict({f"t{i}": nn.Linear(self.trunk.num_features, 10)
-                                    for i in range(tasks)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.trunk(x)
-        return {k: h(z) for k, h in self.heads.items()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(f: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     f()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

@@ -26,25 +26,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _common import Heads
 
 import routesurgeon as rs
 from routesurgeon import importance as imp
-
-
-class Heads(nn.Module):
-    def __init__(self, arch: str, tasks: int) -> None:
-        super().__init__()
-        import timm
-
-        self.trunk = timm.create_model(arch, pretrained=False, num_classes=0)
-        width = self.trunk.num_features
-        self.heads = nn.ModuleDict({f"t{i}": nn.Linear(width, 10) for i in range(tasks)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.trunk(x)
-        return {k: h(z) for k, h in self.heads.items()}
-
 
 CLOCK = time.perf_counter
 
