@@ -22,20 +22,18 @@ markdown report is regenerated from all of them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import random
 import re
-import signal
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import same, time_limit
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -182,31 +180,6 @@ def random_cases(n: int, seed: int, max_params: float, exclude: set[str]) -> lis
 
 
 # --------------------------------------------------------------------------------------------
-class Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise Timeout(f"timed out after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def same(a: Any, b: Any) -> bool:
-    la, lb = pytree.tree_flatten(a)[0], pytree.tree_flatten(b)[0]
-    return len(la) == len(lb) and all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(la, lb)
-    )
-
-
 def close(a: Any, b: Any) -> bool:
     la, lb = pytree.tree_flatten(a)[0], pytree.tree_flatten(b)[0]
     return len(la) == len(lb) and all(

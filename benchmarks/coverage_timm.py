@@ -28,12 +28,10 @@ Run: ``nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/coverage_timm.py --sha
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import inspect
 import json
 import re
-import signal
 import time
 import traceback
 from collections.abc import Iterator
@@ -41,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
+from _common import Timeout, same, time_limit
 
 import routesurgeon as rs
 from routesurgeon.outputs import output_names
@@ -56,33 +54,9 @@ SMP_ENCODERS = ["resnet18", "efficientnet-b0", "mobilenet_v2", "mit_b0", "tu-con
                 "tu-regnety_004", "tu-mobilevitv2_050", "tu-vit_tiny_patch16_224"]
 
 
-class Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise Timeout(f"timed out after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _short(e: BaseException, limit: int = 600) -> str:
     text = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _same(a: Any, b: Any) -> bool:
-    la, lb = pytree.tree_flatten(a)[0], pytree.tree_flatten(b)[0]
-    return len(la) == len(lb) and all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(la, lb))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -172,7 +146,7 @@ def run_case(spec: str, features_only: bool, attempts: list[tuple[Any, dict[str,
                        instrument_s=round(time.perf_counter() - t1, 3))
             s.eval()
             with torch.no_grad():
-                if not _same(s(x), want):
+                if not same(s(x), want):
                     raise AssertionError("Surgeon(x) is not torch.equal to model(x)")
             stage = "export"
             t1 = time.perf_counter()
