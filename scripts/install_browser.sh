@@ -17,21 +17,9 @@ if have_browser && have_fonts; then
   exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then
-    SUDO="sudo"
-  else
-    echo "install_browser.sh: need root (or sudo) to apt-get install chromium" >&2
-    exit 1
-  fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-APT_OPTS=(-y -qq -o Dpkg::Use-Pty=0 --no-install-recommends)
-$SUDO apt-get update -qq >/dev/null
-$SUDO apt-get install "${APT_OPTS[@]}" chromium fonts-dejavu-core fonts-liberation \
-  fontconfig >/dev/null
+# shellcheck source=scripts/_apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/_apt.sh"
+apt_install install_browser.sh chromium fonts-dejavu-core fonts-liberation fontconfig
 
 if ! have_browser; then
   echo "install_browser.sh: chromium is still missing after apt-get install" >&2

@@ -9,17 +9,7 @@ if command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1; then
   exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then
-    SUDO="sudo"
-  else
-    echo "install_cxx.sh: need root (or sudo) to apt-get install g++" >&2
-    exit 1
-  fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends g++ >/dev/null
+# shellcheck source=scripts/_apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/_apt.sh"
+apt_install install_cxx.sh g++
 command -v g++ >/dev/null 2>&1
