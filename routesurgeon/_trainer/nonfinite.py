@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from routesurgeon.conflicts import LossFn as LossFn
+from routesurgeon.conflicts import _check_loss_fns as _check_loss_fns
 from routesurgeon.errors import LossError
 from routesurgeon.outputs import leaf_values
 from routesurgeon.surgeon import Surgeon
 
 __all__ = ["LossFn", "all_finite", "check_losses", "diagnose_nonfinite"]
-
-LossFn = Callable[[Tensor, Any], Tensor]
 
 
 def check_losses(tasks: list[str], losses: Mapping[str, Tensor]) -> list[str]:
@@ -61,14 +61,6 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
                 if not all(bool(torch.isfinite(floats[i]).all()) for i in suspects):
                     return False
     return all(bool(torch.isfinite(t).all()) for t in others)
-
-
-def _check_loss_fns(tasks: list[str], loss_fns: Mapping[str, Any]) -> None:
-    unknown = [k for k in loss_fns if k not in tasks]
-    missing = [t for t in tasks if t not in loss_fns]
-    if unknown or missing:
-        raise LossError(f"loss_fns must name every task exactly: missing {missing}, "
-                        f"unknown {unknown}; tasks are {tasks}")
 
 
 # -- diagnosis -------------------------------------------------------------------------------------
