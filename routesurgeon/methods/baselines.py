@@ -102,6 +102,17 @@ class _Substitute(torch.autograd.Function):
         return grad, None
 
 
+def _global_loss_values(method: GradientMethod, losses: Mapping[str, Tensor]) -> Tensor:
+    """The stacked task losses; under torch.distributed their values are the ones averaged over
+    ranks (T floats reduced) while the gradient flows through this rank's losses."""
+    values = stack_losses(method.tasks, losses)
+    if method.distributed:
+        global_values = values.detach().clone()
+        method.reduce_mean([global_values])
+        values = _Substitute.apply(values, global_values)
+    return values
+
+
 @register_method("famo")
 class Famo(ScalarizerMethod):
     """FAMO (Liu et al. 2023): its logits are updated from the losses recomputed on the same
@@ -128,11 +139,7 @@ class Famo(ScalarizerMethod):
         return []  # FAMO steps its own logits
 
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
-        values = stack_losses(self.tasks, losses)
-        if self.distributed:  # global loss values, this rank's gradients (T floats reduced)
-            global_values = values.detach().clone()
-            self.reduce_mean([global_values])
-            values = _Substitute.apply(values, global_values)
+        values = _global_loss_values(self, losses)
         loss = self.scalarizer(values)
         scaled(loss, self.grad_scale).backward()  # after FAMO's logarithm of the losses
         return {"loss/total": float(loss.detach())}

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from routesurgeon.errors import LossError
 from routesurgeon.methods._rng import OwnRandomStream
 from routesurgeon.methods.base import stack_losses
-from routesurgeon.methods.baselines import ScalarizerMethod, _Substitute
+from routesurgeon.methods.baselines import ScalarizerMethod, _global_loss_values
 from routesurgeon.methods.registry import register_method
 from routesurgeon.precision import scaled
 
@@ -42,11 +42,7 @@ class LossValueScalarizer(ScalarizerMethod):
         return self.scalarizer(values)
 
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
-        values = stack_losses(self.tasks, losses)
-        if self.distributed:  # global loss values, this rank's gradients (T floats reduced)
-            global_values = values.detach().clone()
-            self.reduce_mean([global_values])
-            values = _Substitute.apply(values, global_values)
+        values = _global_loss_values(self, losses)
         loss = self.scalarize(values)
         scaled(loss, self.grad_scale).backward()
         return {"loss/total": float(loss.detach())}
