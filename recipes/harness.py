@@ -575,19 +575,22 @@ def markdown(summary: dict[str, Any], title: str) -> str:
 
 
 def routes_markdown(routes: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    lines = ["| method | task | keep | scores | params | FLOPs | latency ms | metric full | "
-             "route | route fine-tuned |", "|" + "---|" * 10]
+    recal = any("metric_recalibrated" in r for per in routes.values() for r in per.values())
+    cols = ["method", "task", "keep", "scores", "params", "FLOPs", "latency ms", "metric full",
+            "route", *(["route BN-recalibrated"] if recal else []), "route fine-tuned"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method, per in routes.items():
         for t, r in per.items():
             def fmt(d: Mapping[str, float]) -> str:
                 return ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in d.items())
 
+            rec = f"{fmt(r.get('metric_recalibrated', {})) or '–'} | " if recal else ""
             lines.append(
                 f"| {method} | {t} | {r['keep']} | {r['scores']} | "
                 f"{r['params'] / 1e6:.3f}M / {r['full_params'] / 1e6:.3f}M | "
                 f"{r['flops'] / 1e6:.1f}M / {r['full_flops'] / 1e6:.1f}M | "
                 f"{r['latency_ms']:.2f} / {r['full_latency_ms']:.2f} | {fmt(r['metric_full'])} | "
-                f"{fmt(r['metric_route'])} | {fmt(r['metric_finetuned'])} |")
+                f"{fmt(r['metric_route'])} | {rec}{fmt(r['metric_finetuned'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -103,3 +103,18 @@ def test_face_auc_matches_the_rank_definition():
     pos, neg = margin[y == 1], margin[y == 0]
     exact = float((pos[:, None] > neg[None]).float().mean())
     assert metric.finish(stats) == pytest.approx(exact, abs=0.01)
+
+
+def test_routes_table_shows_the_recalibrated_metric_only_when_measured() -> None:
+    row = {"keep": 0.5, "scores": "raw-importance", "params": 2e6, "full_params": 8e6,
+           "flops": 1e6, "full_flops": 4e6, "latency_ms": 1.0, "full_latency_ms": 3.0,
+           "metric_full": {"left/acc": 0.6}, "metric_route": {"left/acc": 0.1},
+           "metric_finetuned": {"left/acc": 0.5}}
+    plain = h.routes_markdown({"equal": {"left": row}}).splitlines()
+    assert "BN-recalibrated" not in plain[0] and plain[2].endswith("| acc 0.1 | acc 0.5 |")
+    recal = {**row, "metric_recalibrated": {"left/acc": 0.55}}
+    lines = h.routes_markdown({"equal": {"left": recal}, "pcgrad": {"left": row}}).splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 12
+    assert "| route | route BN-recalibrated | route fine-tuned |" in lines[0]
+    assert lines[2].endswith("| acc 0.1 | acc 0.55 | acc 0.5 |")
+    assert lines[3].endswith("| acc 0.1 | – | acc 0.5 |")  # a route without it says so
