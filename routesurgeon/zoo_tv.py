@@ -145,10 +145,9 @@ def build_tv(name: str, part: str = "", aux: bool = False, heads: int = 3, num_c
         extra = {}
     model = tvm.get_model(name, weights=None, num_classes=num_classes, **extra, **kwargs)
     example = _example(pop, name, input_size)
-    if aux:  # the model's own outputs: logits and its training-only aux logits
-        tasks = ["logits", "aux_logits2", "aux_logits1"] if name == "googlenet" else [
-            "logits", "aux_logits"]
-        return BuiltModel(f"tv:{name}", model.eval(), example, tasks)
+    if aux:  # the model's own outputs (its train-mode namedtuple's fields): logits and aux logits
+        outputs = tvm.GoogLeNetOutputs if name == "googlenet" else tvm.InceptionOutputs
+        return BuiltModel(f"tv:{name}", model.eval(), example, list(outputs._fields))
     backbone, width = _strip_classifier(model, num_classes)
     names = ["cls", "aux", *(f"head{i}" for i in range(2, heads))][:heads]
     return BuiltModel(f"tv:{name}", _Heads(backbone, width, names, num_classes).eval(), example,
