@@ -97,9 +97,6 @@ class _StatefulAggregatorMethod(AggregatorMethod):
     def _key(self, w: Any) -> Any:
         raise NotImplementedError
 
-    def _device(self) -> torch.device:
-        return self.shared[0].device if self.shared else torch.device("cpu")
-
     def state_dict(self) -> dict[str, Any]:
         w = self._weighting()
         return {"weighting": {a: _copy(getattr(w, a)) for a in self._STATE}}
@@ -181,9 +178,6 @@ class GradDropMethod(AggregatorMethod):
     def _aggregate(self, jac_to_grad: Any) -> None:
         with self.stream.draws(self._device(), self.reducer):
             super()._aggregate(jac_to_grad)
-
-    def _device(self) -> torch.device:
-        return self.shared[0].device if self.shared else torch.device("cpu")
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict()}

@@ -215,6 +215,10 @@ class AggregatorMethod(GradientMethod):
             self._aggregate(jac_to_grad)
         return {"loss/total": float(stacked.detach().sum()) / self.grad_scale}
 
+    def _device(self) -> torch.device:
+        """Where the aggregator's state and random draws live: the shared parameters'."""
+        return self.shared[0].device if self.shared else torch.device("cpu")
+
     def _aggregate(self, jac_to_grad: Callable[..., Any]) -> None:
         s = self.grad_scale
         if s == 1.0:
