@@ -17,24 +17,20 @@ from routesurgeon.surgeon import Surgeon
 __all__ = ["LossFn", "all_finite", "check_losses", "diagnose_nonfinite"]
 
 
-def check_losses(tasks: list[str], losses: Mapping[str, Tensor]) -> list[str]:
-    """Validate a losses dict; return the tasks whose loss is not finite."""
+def check_losses(tasks: list[str], losses: Mapping[str, Tensor]) -> None:
+    """Validate a losses dict: one scalar tensor per task (finiteness is the caller's)."""
     missing = [t for t in tasks if t not in losses]
     unknown = [k for k in losses if k not in tasks]
     if unknown:
         raise LossError(f"losses for unknown tasks {unknown}; tasks are {tasks}")
     if missing:
         raise LossError(f"losses missing for tasks {missing}; every task needs a loss: {tasks}")
-    bad = []
     for t in tasks:
         v = losses[t]
         if not isinstance(v, Tensor) or v.dim() != 0:
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise LossError(f"loss of task {t!r} must be a scalar tensor, got {shape}; "
                             f"reduce it (e.g. .mean()) first")
-        if not torch.isfinite(v.detach()).item():
-            bad.append(t)
-    return bad
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

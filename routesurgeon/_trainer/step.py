@@ -3,6 +3,7 @@ guard, skipped steps, one training step."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,15 +33,16 @@ class TrainerStep(TrainerPlumbing):
         Under torch.distributed the T loss values are averaged over ranks (so every rank takes
         the same decision) and kept as the step's global losses.
         """
-        bad = check_losses(self.surgeon.tasks, losses)
         tasks = self.surgeon.tasks
+        check_losses(tasks, losses)
         if rsdist.is_distributed():
             vec = torch.stack([losses[t].detach().float().cpu() for t in tasks])
             rsdist.all_reduce_mean([vec], self.comm, kind="losses")
-            bad = [t for t, v in zip(tasks, vec.tolist()) if not torch.isfinite(torch.tensor(v))]
-            self._global_losses = dict(zip(tasks, vec.tolist()))
-        else:
-            self._global_losses = {t: float(losses[t].detach()) for t in tasks}
+            values = vec.tolist()
+        else:  # one read of each loss serves both the check and the logged value
+            values = [float(losses[t].detach()) for t in tasks]
+        self._global_losses = dict(zip(tasks, values))
+        bad = [t for t, v in zip(tasks, values) if not math.isfinite(v)]
         if bad:
             self._skip(f"non-finite loss for tasks {bad}{where}", tasks=bad)
             return False
