@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils import _pytree as pytree
 
 from routesurgeon.errors import TracingError
@@ -25,8 +26,6 @@ def _meta(value: Any) -> Any:
 def _mutable(value: Any) -> Any:
     """fx's immutable list/dict arguments as fresh plain ones, as the generated code passes them
     (torchvision's wrapped ``_get_window_and_shift_size`` assigns into its list arguments)."""
-    from torch.fx.immutable_collections import immutable_dict, immutable_list
-
     if isinstance(value, immutable_list):
         return [_mutable(v) for v in value]
     if isinstance(value, immutable_dict):
