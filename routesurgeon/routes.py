@@ -119,15 +119,16 @@ def _layer_scores(per_task: Mapping[str, Any], task: str, name: str, n: int,
     raise TaskError(f"scores for layer {name!r} have no task {task!r}")
 
 
-def _resolve_scores(surgeon: Surgeon, scores: Scores) -> Mapping[str, Mapping[str, Any]]:
-    """The learned dominance table (``scores=None``); raises when nothing was learned yet."""
+_NO_SCORES = ("no importance scores exist yet: train with method='drmgf' or 'drmgf-step' first, "
+              "or pass scores='magnitude' (weight norms), another criterion of "
+              "routesurgeon.criteria.CRITERIA, or a dict {layer: {task: scores}}")
+
+
+def _resolve_scores(surgeon: Surgeon) -> Mapping[str, Mapping[str, Any]]:
+    """The learned dominance table (``scores='learned'``); raises when nothing was learned yet."""
     learned = surgeon.route_scores() if hasattr(surgeon, "route_scores") else None
     if not learned:
-        raise InputError(
-            "no importance scores exist yet: train with method='drmgf' or 'drmgf-step' first, "
-            "or pass scores='magnitude' (weight norms), another criterion of "
-            "routesurgeon.criteria.CRITERIA, or a dict {layer: {task: scores}}"
-        )
+        raise InputError(_NO_SCORES)
     return learned
 
 
@@ -164,12 +165,13 @@ def _group_scores(surgeon: Surgeon, scores: Scores) -> GroupScores:
     if isinstance(scores, GroupScores):
         return scores
     if scores is None:  # the default criterion (docs/results.md, route quality)
-        _resolve_scores(surgeon, scores)  # the same error as before when nothing was learned
+        if not surgeon.importance_bank.trained:  # checked without building the learned table
+            raise InputError(_NO_SCORES)
         return named_scores(surgeon, DEFAULT_CRITERION)
     if isinstance(scores, str):
         name = canonical(scores)
         if name == "learned":
-            return table_scores(surgeon, name, _resolve_scores(surgeon, None))
+            return table_scores(surgeon, name, _resolve_scores(surgeon))
         return named_scores(surgeon, name)
     if not isinstance(scores, Mapping):
         raise InputError(f"scores must be a criterion name ({list(CRITERIA)}), a dict "
