@@ -102,7 +102,8 @@ def param_reach(surgeon: Surgeon) -> dict[str, int]:
     return out
 
 
-def _mean_by_group(surgeon: Surgeon, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def mean_by_group(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per group, ``sums / counts`` (``nan`` where nothing was counted)."""
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
@@ -129,7 +130,7 @@ def _slice_scores(surgeon: Surgeon, value: Callable[[str, torch.Tensor, int], to
         labels = groups.labels[ids]
         sums += np.bincount(labels, weights=v.double().cpu().numpy(), minlength=groups.n_groups)
         counts += np.bincount(labels, minlength=groups.n_groups)
-    return _mean_by_group(surgeon, sums, counts)
+    return mean_by_group(sums, counts)
 
 
 def _per_index(t: torch.Tensor, axis: int, reduce: str) -> torch.Tensor:
@@ -292,7 +293,7 @@ def _taylor(surgeon: Surgeon, loader: Iterable[Any], losses: Mapping[str, Any],
         w = np.where(id_seen > 0, id_sum[t] / max(samples, 1), 0.0)
         sums = np.bincount(groups.labels, weights=w, minlength=groups.n_groups)
         counts = np.bincount(groups.labels, weights=id_seen, minlength=groups.n_groups)
-        per_task[t] = _mean_by_group(surgeon, sums, counts)
+        per_task[t] = mean_by_group(sums, counts)
     return GroupScores("taylor", per_task)
 
 

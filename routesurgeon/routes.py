@@ -24,6 +24,7 @@ from routesurgeon.criteria import (
     DEFAULT_CRITERION,
     GroupScores,
     canonical,
+    mean_by_group,
     named_scores,
     table_scores,
 )
@@ -158,7 +159,7 @@ def table_group_scores(surgeon: Surgeon, table: Mapping[str, Mapping[str, Any]],
         id_score[info["out"]] = _layer_scores(per_task, task, name, len(info["out"]), reaching)
     sums = np.bincount(groups.labels, weights=np.nan_to_num(id_score), minlength=groups.n_groups)
     counts = np.bincount(groups.labels, weights=~np.isnan(id_score), minlength=groups.n_groups)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return mean_by_group(sums, counts)
 
 
 def _group_scores(surgeon: Surgeon, scores: Scores) -> GroupScores:
