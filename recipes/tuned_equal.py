@@ -31,6 +31,7 @@ from typing import Any
 
 import harness as h
 import torch
+from scipy import stats
 from torch import Tensor
 
 import routesurgeon as rs
@@ -70,12 +71,10 @@ def pick_lr(val: Mapping[float, Mapping[str, float]], hib: Mapping[str, bool]) -
     if all(ref[k] != 0 for k in keys):
         scores = {lr: h.delta_m(val[lr], ref, hib) for lr in lrs}
         return min(lrs, key=lambda lr: (scores[lr], lrs.index(lr)))
-    ranks = {lr: 0.0 for lr in lrs}
-    for k in keys:
-        signed = {lr: val[lr][k] * (-1 if hib[k] else 1) for lr in lrs}
-        for lr in lrs:
-            ranks[lr] += sum(signed[o] < signed[lr] for o in lrs)
-    return min(lrs, key=lambda lr: (ranks[lr], lrs.index(lr)))
+    # per metric, how many learning rates beat each one (ties share the better rank), summed
+    signed = [[val[lr][k] * (-1 if hib[k] else 1) for lr in lrs] for k in keys]
+    ranks = (stats.rankdata(signed, method="min", axis=1) - 1).sum(0)
+    return lrs[int(ranks.argmin())]  # the first of the best: the earlier grid entry
 
 
 def train_tuned_equal(recipe: h.Recipe, job: str, seed: int, cfg: h.RunConfig
