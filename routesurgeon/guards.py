@@ -7,7 +7,9 @@
   (its mutated input has no other user and its own result is used, e.g. ``conv -> bn ->
   ReLU(inplace=True)`` or ``out += shortcut``). Anything else (a mutation seen through an alias,
   a side-effect-only call such as ``x.mul_(2)`` whose result is unused) would be silently dropped
-  or misattributed by route extraction, so it is refused with the op and the fix named.
+  or misattributed by route extraction, so it is refused with the op and the fix named. (A
+  side-effect-only op on a tensor nobody else can see, such as timm NFNet's ``out.mul_(gain)``,
+  has already been rewritten out of place by ``tracing.functionalize`` when this runs.)
 """
 
 from __future__ import annotations

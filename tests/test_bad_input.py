@@ -132,7 +132,14 @@ class Mutating(nn.Module):
         z = y.mean((2, 3))
         a = self.ha(z)
         if self.mode == "side-effect":
-            z.mul_(2)  # result unused: would be dropped from the routes
+            z.mul_(2)  # result unused: rewritten to z = z.mul(2) (z has no other alias)
+        elif self.mode == "side-effect-view":
+            v = z[:, :2]  # a view of z, read after the mutation: not rewritable
+            z.mul_(2)
+            a = a + v.sum()
+        elif self.mode == "side-effect-input":
+            x.mul_(2)  # mutates the caller's tensor
+            a = a + x.mean()
         elif self.mode == "alias":
             w = z.add_(1)  # mutates z, which ha and hb also read
             a = a + w.sum()
@@ -142,9 +149,19 @@ class Mutating(nn.Module):
 def test_inplace_ops(x: torch.Tensor) -> None:
     s = rs.instrument(Mutating("none").eval(), x)  # ReLU(inplace=True) in a chain is fine
     assert set(s.tasks) == {"a", "b"}
-    with pytest.raises(rs.TracingError, match=r"in-place op 'call_method mul_' .* result is "
-                                              r"unused: .*out of place"):
-        rs.instrument(Mutating("side-effect").eval(), x)
+    m = Mutating("side-effect").eval()
+    s = rs.instrument(m, x)  # the unaliased x.mul_(2) is rewritten out of place
+    with torch.no_grad():
+        ref = m(x)
+        got = s(x)
+        assert all(torch.equal(got[t], ref[t]) for t in ref)
+        for t, route in s.export_routes(keep=1.0).items():
+            out = route(x)
+            assert torch.equal(out[t] if isinstance(out, dict) else out, ref[t])
+    for mode in ("side-effect-view", "side-effect-input"):
+        with pytest.raises(rs.TracingError, match=r"in-place op 'call_method mul_' .* result is "
+                                                  r"unused: .*out of place"):
+            rs.instrument(Mutating(mode).eval(), x.clone())
     with pytest.raises(rs.TracingError, match=r"in-place op 'call_method add_' .*mutates 'mean', "
                                               r"which \['ha'.*also read"):
         rs.instrument(Mutating("alias").eval(), x)

@@ -7,11 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from routesurgeon.errors import TracingError
 from routesurgeon.tracing.attempts import _ModeTrace, _trace_mode
+from routesurgeon.tracing.functionalize import functionalize_unused_inplace
 from routesurgeon.tracing.inputs import ExampleInputs, bind_inputs, normalize_inputs
 from routesurgeon.tracing.library import _library_leaves, _library_refusal
 from routesurgeon.tracing.modes import (
@@ -43,6 +45,8 @@ class TraceResult:
     # run in eval mode, on which tasks are analysed and routes exported
     inference_graph: fx.GraphModule | None = None
     training_only_outputs: list[str] = field(default_factory=list)
+    # side-effect-only in-place ops rewritten out of place (``functionalize``)
+    functionalized: list[str] = field(default_factory=list)
 
     @property
     def dual(self) -> bool:
@@ -115,6 +119,13 @@ def trace(
         # same code: one graph serves both modes (no GraphModule is compiled for it)
         if tr.graph.python_code("self").src != eval_gm.code:
             train_gm = tr.module(name)
+    values = [bound.get(str(n.target).lstrip("*")) for n in eval_gm.graph.nodes
+              if n.op == "placeholder"]
+    with keep(model), mode(model, False):
+        rewritten = functionalize_unused_inplace(eval_gm, values)
+    if train_gm is not eval_gm:
+        with preserved(model), mode(model, True), torch.random.fork_rng():
+            rewritten += functionalize_unused_inplace(train_gm, values)
     paths = tr.path if tr.path == ev.path else f"{tr.path}/{ev.path}"
     return TraceResult(
         train_graph=train_gm,
@@ -126,6 +137,7 @@ def trace(
         + [sp for sp in ev.specializations if sp not in tr.specializations],
         attempts=attempts,
         retrace_reason=reason,
+        functionalized=rewritten,
     )
 
 
