@@ -56,6 +56,25 @@ def _error_class(r: dict[str, Any]) -> str:
     return f"{r['status']}: {head}"
 
 
+def _registry_lines(feats: list[dict[str, Any]], beyond: list[dict[str, Any]],
+                    population: dict[str, dict[str, Any]]) -> list[str]:
+    """The headline over timm's whole registry: ``features_only`` ok / every registry name (a
+    name the run did not reach counts against it), and the names not reached."""
+    ran = {r["spec"][5:]: r for r in [*feats, *beyond] if r["form"] == "features_only"}
+    ok = sum(r["status"] == "ok" for r in ran.values())
+    n = len(population)
+    lines = [f"**timm's whole registry, `features_only`: {ok} / {n} names ok ({_pct(ok, n)})**; "
+             f"{len(ran)} run, {len(ran) - ok} failed or could not be built (listed below), "
+             f"{n - len(ran)} not run."]
+    left = sorted((p for p in population.values() if p["name"] not in ran),
+                  key=lambda p: (p.get("params", float("inf")), p["name"]))
+    if left:
+        lines += [f"Not run (the sweep runs the smallest first; these are the largest, "
+                  f"from {left[0].get('params', 0) / 1e6:.0f} M parameters up): " + ", ".join(
+                      f"`{p['name']}` ({p.get('params', 0) / 1e6:.0f} M)" for p in left) + "."]
+    return [*lines, ""]
+
+
 def section(rows: dict[str, dict[str, Any]], population: dict[str, dict[str, Any]],
             max_params: float) -> str:
     n_reg = len(population)
@@ -133,6 +152,7 @@ def section(rows: dict[str, dict[str, Any]], population: dict[str, dict[str, Any
         lines += [f"Above the bound, the run went on with `features_only`, the smallest first: "
                   f"it has a result for {upto}, {len(ran)} of the {n_reg} registry names in "
                   "all.", ""]
+    lines += _registry_lines(feats, beyond, population)
     heads_beyond = [r for r in beyond if r["form"] == "+3 heads"]
     if heads_beyond:
         ok = sum(r["status"] == "ok" for r in heads_beyond)

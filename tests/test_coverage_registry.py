@@ -52,6 +52,9 @@ def test_registry_run_and_report(tmp_path: Path) -> None:
     assert "| timm backbone + 3 heads | 1 | 1 | 1 (100.0%) | **1 / 1** (100.0%) | 1 |" in text
     assert "| `timm:x` | features_only | export | ExportError: route 'stage0' fails / to run |" \
         in text
+    # the registry headline counts 'big' (never run) against the registry and names it
+    assert "**timm's whole registry, `features_only`: 1 / 3 names ok (33.3%)**" in text
+    assert "`big` (1000 M)" in text
     doc = tmp_path / "coverage.md"
     doc.write_text("# Tracing coverage\n\nnamed models\n")
     report.write(doc, text)
