@@ -28,12 +28,14 @@ activation gradients; in ``depth`` mode only layers above the cut are updated) o
 forward (``importance="gated"``, default in ``branch`` mode: every ``gated_every`` steps, after the
 optimizer step, one gated forward per task of the same batch trains every A with Adam on
 ``L_t + alpha * sum_{j != t} L_j``, as in the reference algorithm's disentanglement passes).
+
+The graphs live in ``routesurgeon.methods.step_graphs``, the importance estimates in
+``routesurgeon.methods.step_importance`` and the fusion options in
+``routesurgeon.methods.step_fusion``.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -42,16 +44,16 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from routesurgeon.branches import on_branch_edges
-from routesurgeon.compile import ProbedGraph, cuda_graph_reason, eager_nodes
-from routesurgeon.importance import _key
+from routesurgeon.compile import ProbedGraph, cuda_graph_reason
 from routesurgeon.methods.base import GradientMethod
 from routesurgeon.methods.registry import register_method
 from routesurgeon.methods.step_fusion import HypergradientS, fusion_dominance
+from routesurgeon.methods.step_graphs import branch_edge_weights, build_plan, capture_graph
+from routesurgeon.methods.step_importance import ema_update, gated_importance_step, taylor_score
 from routesurgeon.precision import scaled
-from routesurgeon.topology import node_reach
 
 __all__ = ["DRMGFStep", "DRMGFStepConfig", "capture_graph"]
+
 
 
 @dataclass(frozen=True)
@@ -102,146 +104,6 @@ class DRMGFStepConfig:
         return "gated" if self.mode == "branch" else "taylor"
 
 
-def _cut_identity(value: Any) -> Any:
-    """A new autograd node for each tensor of ``value``: gradients reaching it come only from the
-    uses of this copy (the nodes above a cut), not from the other uses of the original."""
-    if isinstance(value, Tensor):
-        return value.view_as(value) if value.requires_grad else value
-    if isinstance(value, tuple | list):
-        return type(value)(_cut_identity(v) for v in value)
-    return value
-
-
-_cut_identity_eager = torch.compiler.disable(_cut_identity)
-
-
-def capture_graph(gm: fx.GraphModule, module_paths: set[str], cut: set[str] | None = None,
-                  upper_from: int = 0) -> tuple[fx.GraphModule, list[str], list[str]]:
-    """A copy of ``gm`` that also returns the outputs of the given modules' calls and, for the
-    nodes named in ``cut``, the identity copies that the nodes from index ``upper_from`` on use
-    instead of them; returns it with the module path of each capture and the cut node names."""
-    cut = cut or set()
-    graph = fx.Graph(owning_module=gm)
-    env: dict[fx.Node, fx.Node] = {}
-    upper_env: dict[fx.Node, fx.Node] = {}
-    captured: list[fx.Node] = []
-    names: list[str] = []
-    cut_nodes: list[fx.Node] = []
-    cut_names: list[str] = []
-    out_node = None
-    for i, n in enumerate(gm.graph.nodes):
-        if n.op == "output":
-            out_node = n
-            continue
-        if i >= upper_from:
-            env[n] = graph.node_copy(n, lambda a: upper_env.get(a, env[a]))
-        else:
-            env[n] = graph.node_copy(n, lambda a: env[a])
-        if n.op == "call_module" and str(n.target) in module_paths:
-            captured.append(env[n])
-            names.append(str(n.target))
-        if n.name in cut:
-            upper_env[n] = graph.call_function(_cut_identity, (env[n],))
-            cut_nodes.append(upper_env[n])
-            cut_names.append(n.name)
-    assert out_node is not None
-    original = fx.map_arg(out_node.args[0], lambda a: upper_env.get(a, env[a]))
-    graph.output((original, tuple(captured), tuple(cut_nodes)))
-    return fx.GraphModule(gm, graph, "Capture"), names, cut_names
-
-
-def _taylor_score(y: Tensor, g: Tensor, axis: int) -> Tensor:
-    """First-order effect of each filter on a task loss: |sum over positions of y * delta|,
-    summed over the batch (in float32 under autocast: reduced 16-bit products lose digits)."""
-    if y.dtype in (torch.float16, torch.bfloat16):
-        y, g = y.float(), g.float()
-    if y.dim() == 4 and axis == 1:  # (B, C, H, W): no full-size temporary
-        return torch.einsum("bchw,bchw->bc", y, g).abs().sum(0)
-    dims = [d for d in range(y.dim()) if d not in (0, axis)]
-    contrib = y * g
-    return (contrib.sum(dim=dims) if dims else contrib).abs().sum(0)
-
-
-class _ScaleChannels(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor) -> Tensor:
-        ctx.save_for_backward(w)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (w,) = ctx.saved_tensors
-        axis = 1 if grad.dim() > 2 else grad.dim() - 1
-        if w.dim() == 0 or grad.dim() == 0 or w.numel() != grad.shape[axis]:
-            return grad * w.mean(), None
-        shape = [1] * grad.dim()
-        shape[axis] = -1
-        return grad * w.reshape(shape).to(grad.dtype), None
-
-
-class EdgeScale(nn.Module):
-    """Identity forward; scales the gradient of one graph edge by ``self.weight`` (per channel)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight: Tensor | None = None
-
-    def forward(self, x: Any) -> Any:
-        if self.weight is None or not isinstance(x, Tensor) or not x.requires_grad:
-            return x
-        return _ScaleChannels.apply(x, self.weight)
-
-
-@dataclass(frozen=True)
-class _Edge:
-    module: str  # the EdgeScale's path in the branch graph
-    layer: str | None  # shared weight whose dominance applies (None: the mean over layers)
-    point_tasks: tuple[str, ...]  # tasks the branch point reaches
-    branch_tasks: tuple[str, ...]  # tasks the branch reaches
-
-
-def _producer_layer(node: fx.Node, layer_of: Mapping[str, str]) -> str | None:
-    """The shared weight producing ``node``'s channels: walk back along first tensor inputs."""
-    seen = 0
-    cur: fx.Node | None = node
-    while cur is not None and seen < 64:
-        if cur.op == "call_module" and str(cur.target) in layer_of:
-            return layer_of[str(cur.target)]
-        inputs = [a for a in cur.all_input_nodes if a.op != "get_attr"]
-        cur = inputs[0] if inputs else None
-        seen += 1
-    return None
-
-
-def branch_graph(gm: fx.GraphModule, reach: Mapping[fx.Node, int], tasks: list[str],
-                 layer_of: Mapping[str, str]) -> tuple[fx.GraphModule, list[_Edge]]:
-    """A copy of ``gm`` with an ``EdgeScale`` on every edge leaving a branch point towards a
-    strict subset of its tasks."""
-    edges: list[_Edge] = []
-    scalers: dict[str, nn.Module] = {}
-
-    def names(bits: int) -> tuple[str, ...]:
-        return tuple(t for i, t in enumerate(tasks) if bits >> i & 1)
-
-    def edge_scale(graph: fx.Graph, x: fx.Node, src: fx.Node, point: int, branch: int
-                   ) -> fx.Node:
-        path = f"routesurgeon_branch.e{len(edges)}"
-        scalers[path] = EdgeScale()
-        edges.append(_Edge(path, _producer_layer(src, layer_of), names(point), names(branch)))
-        return graph.call_module(path, (x,))
-
-    # the graph has no owning module: the EdgeScales join the module tree below
-    graph = on_branch_edges(gm, reach, edge_scale)
-    root: dict[str, Any] = dict(scalers)
-    for n in graph.nodes:
-        target = str(n.target)
-        if n.op == "call_module" and target not in root:
-            root[target] = gm.get_submodule(target)
-        elif n.op == "get_attr" and target not in root:
-            root[target] = functools.reduce(getattr, target.split("."), gm)
-    return fx.GraphModule(root, graph, "BranchScale"), edges
-
-
 @register_method("drmgf-step")
 class DRMGFStep(GradientMethod):
     """Per-step dominance-weighted fusion of per-task gradients on shared filters."""
@@ -290,40 +152,8 @@ class DRMGFStep(GradientMethod):
 
     # -- graphs ---------------------------------------------------------------------------------
     def _build(self, gm: fx.GraphModule) -> dict[str, Any]:
-        s = self.surgeon
-        if self.cfg.mode == "branch":
-            reach = node_reach(gm.graph, s.outputs)
-            g, edges = branch_graph(gm, reach, self.tasks, self.layer_of)
-            return {"gm": g, "edges": edges}
-        nodes = list(gm.graph.nodes)
-        index = {n: i for i, n in enumerate(nodes)}
-        layers = [n for n in nodes if n.op == "call_module" and str(n.target) in self.layer_of]
-        cut_at = 0
-        if self.cfg.mode == "depth":
-            cut_at = self._cut_index(nodes, layers, index)
-        upper_layers = {str(n.target) for n in layers if index[n] >= cut_at}
-        cut: set[str] = set()
-        if cut_at > 0:
-            for n in nodes[:cut_at]:
-                if n.op in ("placeholder", "output"):
-                    continue
-                if any(index[u] >= cut_at for u in n.users):
-                    cut.add(n.name)
-        g, names, cut_names = capture_graph(gm, upper_layers, cut, cut_at)
-        upper_params = self._params_used(nodes[cut_at:], gm)
-        lower_params = self._params_used(nodes[:cut_at], gm)
-        both = upper_params & lower_params
-        if both:
-            raise NotImplementedError(
-                f"drmgf-step mode='depth': parameters {sorted(both)[:3]} are used on both sides "
-                f"of the cut at per_task_from={self.cfg.per_task_from!r}; choose another cut")
-        run: Any = g
-        if self.compiler is not None and not cut_names and ProbedGraph.eligible(g, names):
-            run = ProbedGraph(g, names, self.compiler)  # whole, shared weights detached
-        elif self.compiler is not None:  # in segments between the eager shared layers
-            run = self.compiler(eager_nodes(g, set(names), {_cut_identity: _cut_identity_eager}))
-        return {"gm": g, "run": run, "names": names, "cut_names": cut_names,
-                "upper_params": upper_params, "cut_at": cut_at}
+        return build_plan(gm, self.cfg, self.surgeon.outputs, self.tasks, self.layer_of,
+                          self.params, self.compiler)
 
     def compile_unsupported(self, cfg: Any) -> str | None:
         if self.cfg.mode == "branch":
@@ -331,32 +161,6 @@ class DRMGFStep(GradientMethod):
                     "EdgeScale modules) every step, which recompiles the graph each step; use "
                     "mode='exact' or 'depth'")
         return cuda_graph_reason(cfg)  # one forward, a backward per task
-
-    def _cut_index(self, nodes: list[fx.Node], layers: list[fx.Node],
-                   index: Mapping[fx.Node, int]) -> int:
-        f = self.cfg.per_task_from
-        if isinstance(f, str):
-            for n in nodes:
-                if n.op in ("call_module", "get_attr") and (
-                        str(n.target) == f or str(n.target).startswith(f + ".")):
-                    return index[n]
-            raise ValueError(f"per_task_from={f!r} names no module of the traced graph; "
-                             f"e.g. {[str(n.target) for n in layers[:3]]}")
-        if not layers:
-            return 0
-        k = min(math.floor(float(f) * len(layers)), len(layers))
-        return index[layers[k]] if k < len(layers) else len(nodes) - 1
-
-    def _params_used(self, nodes: list[fx.Node], gm: fx.GraphModule) -> set[str]:
-        used: set[str] = set()
-        for n in nodes:
-            if n.op == "call_module":
-                prefix = str(n.target)
-                for pn, _ in gm.get_submodule(prefix).named_parameters():
-                    used.add(f"{prefix}.{pn}")
-            elif n.op == "get_attr" and str(n.target) in self.params:
-                used.add(str(n.target))
-        return used
 
     # -- forward: the plain graph, also returning what the backward needs ---------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -369,7 +173,7 @@ class DRMGFStep(GradientMethod):
         plan = self._graphs[key]
         self._plan = plan
         if self.cfg.mode == "branch":
-            self._set_edge_weights(plan)
+            branch_edge_weights(plan, self.bank)
             return plan["gm"](*args, **kwargs)
         out, ys, cut = plan["run"](*args, **kwargs)
         flat = [leaf for v in cut for leaf in (v if isinstance(v, tuple | list) else (v,))]
@@ -378,29 +182,6 @@ class DRMGFStep(GradientMethod):
         self._taps = plan["run"].probes if isinstance(plan["run"], ProbedGraph) else self._ys
         self._cut = [c for c in flat if isinstance(c, Tensor) and c.requires_grad]
         return out
-
-    def _set_edge_weights(self, plan: Mapping[str, Any]) -> None:
-        bank = self.bank
-        with torch.no_grad():
-            for e in plan["edges"]:
-                mod = plan["gm"].get_submodule(e.module)
-                layers = [e.layer] if e.layer is not None else [
-                    n for n in bank.names if set(e.point_tasks) <= set(bank.tasks_of[n])]
-                weights = []
-                for layer in layers:
-                    if not set(e.point_tasks) <= set(bank.tasks_of[layer]):
-                        continue
-                    d = bank.dominance(layer).detach()
-                    if d.dim() == 3:
-                        d = d.mean(-1)
-                    order = bank.tasks_of[layer]
-                    d = d[[order.index(t) for t in e.point_tasks]]
-                    d = d / d.sum(0, keepdim=True).clamp_min(1e-30)
-                    rows = [e.point_tasks.index(t) for t in e.branch_tasks]
-                    w = len(e.point_tasks) * d[rows].mean(0)
-                    weights.append(w if e.layer is not None else w.mean())
-                mod.weight = (weights[0] if e.layer is not None else
-                              torch.stack(weights).mean()) if weights else None
 
     # -- backward ---------------------------------------------------------------------------------
     def backward(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
@@ -461,7 +242,7 @@ class DRMGFStep(GradientMethod):
                         fused[k] = g * coef[k][i]
                     if self.importance_mode == "taylor":
                         scores.append((self.layer_of[names[k]], t,
-                                       _taylor_score(ys[k].detach(), g, axes[k])))
+                                       taylor_score(ys[k].detach(), g, axes[k])))
             off = len(y_idx)
             for k, g in enumerate(grads[off: off + len(cut)]):
                 if g is not None:
@@ -471,12 +252,7 @@ class DRMGFStep(GradientMethod):
                     p = self.params[n]
                     p.grad = g.clone() if p.grad is None else p.grad + g
             del grads
-        with torch.no_grad():  # A_t <- ema * A_t + (1 - ema) * score (unscaled)
-            for name, t, score in scores:
-                a = self.bank.A[_key(name, t)]
-                if a.dim() == 1:
-                    a.mul_(self.ema).add_(score.to(a.dtype),
-                                          alpha=(1 - self.ema) / self.grad_scale)
+        ema_update(self.bank, scores, self.ema, self.grad_scale)  # unscaled
         # fused weight gradients, one local autograd call per captured layer output
         for k, g_out in fused.items():
             name = self.layer_of[names[k]]
@@ -533,31 +309,8 @@ class DRMGFStep(GradientMethod):
             return
         if self._imp_opt is None:
             self._imp_opt = torch.optim.Adam(a_params, lr=self.cfg.importance_lr)
-        s = self.surgeon
-        for t in self.tasks:
-            with s.route(t):
-                task_losses = recompute()
-            total = task_losses[t] + self.cfg.alpha * sum(
-                v for k, v in task_losses.items() if k != t)
-            scale = self.grad_scale  # float16: A's gradient through the scaled loss, unscaled
-            grads: list[Tensor | None] = list(
-                torch.autograd.grad(scaled(total, scale), a_params, allow_unused=True))
-            if scale != 1.0:
-                if not all(torch.isfinite(g).all() for g in grads if g is not None):
-                    continue  # overflow: this task's A step is dropped, as the scaler would
-                grads = [g / scale if g is not None else None for g in grads]
-            # under a process group, one all-reduce: the global batch's gradient of A is the
-            # mean of the ranks' (the losses are means over equal shares; every rank leaves the
-            # same A unused), and the loss rides along so all ranks take the same skip decision
-            loss = total.detach().reshape(1).clone()
-            self.reduce_mean([loss, *(g for g in grads if g is not None)])
-            if not torch.isfinite(loss).all():
-                continue
-            for p, g in zip(a_params, grads):
-                p.grad = g
-            self._imp_opt.step()
-            self._imp_opt.zero_grad(set_to_none=True)
-        self.bank.trained = True
+        gated_importance_step(self.bank, a_params, self._imp_opt, self.surgeon, self.tasks,
+                              recompute, self.cfg.alpha, self.grad_scale, self.reduce_mean)
 
     def state_dict(self) -> dict[str, Any]:
         return {"imp_opt": self._imp_opt.state_dict() if self._imp_opt else None,
