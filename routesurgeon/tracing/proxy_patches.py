@@ -4,15 +4,25 @@ concrete tracing (installed once, at import)."""
 from __future__ import annotations
 
 import bisect
+import dis
+import functools
 import inspect
 import operator
 import sys
 from collections.abc import Callable, Iterator
+from types import CodeType
 from typing import Any, cast
 
 import torch.fx as fx
 
 from routesurgeon.tracing.tracer import RouteTracer
+
+
+@functools.lru_cache(maxsize=512)
+def _instructions(code: CodeType) -> tuple[list[int], list[str], list[Any]]:
+    """Offsets, op names and arguments of ``code``'s instructions (for other tracers than ours)."""
+    inst = list(dis.get_instructions(code))
+    return [i.offset for i in inst], [i.opname for i in inst], [i.argval for i in inst]
 
 
 def _install_concrete_dunders() -> None:
@@ -44,18 +54,25 @@ def _install_concrete_dunders() -> None:
         fx.Proxy._rs___getattr__ = True  # type: ignore[attr-defined]
 
     if not getattr(fx.Proxy, "_rs___iter__", False):
-        plain_iter = fx.Proxy.__iter__
 
         def iter_(self: fx.Proxy) -> Iterator[Any]:
+            # fx's Proxy.__iter__ reads *its caller's* frame to tell ``a, b = proxy`` from a
+            # loop, so it cannot be wrapped (it would read this frame): its logic, with the
+            # caller's disassembly cached per code object (fx disassembles the whole calling
+            # function on every unpacking); every tracer, not only ours, goes through here
             tracer = self.tracer
             frame = inspect.currentframe()
             caller = frame.f_back if frame is not None else None
-            if not isinstance(tracer, RouteTracer) or caller is None or sys.version_info < (3, 11):
-                return plain_iter(self)  # before 3.11, f_lasti counts code units
-            # fx's Proxy.__iter__, with the caller's disassembly cached per code object (fx
-            # disassembles the whole calling function on every tuple unpacking)
-            offsets, names, counts = tracer.instructions(caller.f_code)
-            i = bisect.bisect_left(offsets, caller.f_lasti)
+            if caller is None:
+                return tracer.iter(self)
+            if isinstance(tracer, RouteTracer):
+                offsets, names, counts = tracer.instructions(caller.f_code)
+            else:
+                offsets, names, counts = _instructions(caller.f_code)
+            if sys.version_info >= (3, 11):
+                i = bisect.bisect_left(offsets, caller.f_lasti)
+            else:  # before 3.11, f_lasti counts code units
+                i = caller.f_lasti // 2
             if i < len(names) and names[i] == "UNPACK_SEQUENCE":
                 return (self[k] for k in range(counts[i]))  # type: ignore[index]
             return tracer.iter(self)
