@@ -7,6 +7,9 @@
   ``routesurgeon.tracing.training_outputs``);
 * segmentation models (DeepLabV3, FCN, LR-ASPP) return ``{"out", "aux"}`` with ``aux=True``
   (``aux_loss``; LR-ASPP has none);
+* ``tv:NAME:features`` (classification models): torchvision's own
+  ``create_feature_extractor`` over four stage outputs of the trunk (``{"stage1": ..}``, see
+  ``feature_nodes``), the form people build multi-scale heads on;
 * detection models: ``tv:NAME`` is the full model (its post-processing cannot be traced: the error
   says so), ``tv:NAME:heads`` the part training shares, backbone + FPN + heads (see
   ``routesurgeon.detection``).
@@ -21,7 +24,7 @@ from torch import Tensor, nn
 
 from routesurgeon.errors import InputError
 
-__all__ = ["AUX_MODELS", "build_tv", "tv_population"]
+__all__ = ["AUX_MODELS", "build_tv", "feature_nodes", "tv_population"]
 
 AUX_MODELS = ("googlenet", "inception_v3")  # classification models with their own aux logits
 _VIDEO_SIZE = (4, 64, 64)  # frames, height, width
@@ -83,6 +86,65 @@ def _strip_classifier(model: nn.Module, classes: int) -> tuple[nn.Module, int]:
     return model, linear.in_features
 
 
+_HEAD_NAMES = ("avgpool", "classifier", "fc", "head", "heads", "dropout", "flatten", "norm",
+               "pre_logits", "ln", "global_pool")
+
+
+def _trunk_stages(model: nn.Module) -> tuple[str, list[str]]:
+    """Module paths of the trunk's stages: the children of the deepest container holding most of
+    the parameters (``features`` of MobileNet/EfficientNet/ConvNeXt, ``encoder.layers`` of a ViT),
+    or the model's own children (ResNet's ``layer1``..``layer4``), heads and pooling left out;
+    and that container's path prefix. Only children with parameters are stages."""
+    prefix, container = "", model
+    while True:
+        kids = [(n, m) for n, m in container.named_children() if n not in _HEAD_NAMES]
+        size = {n: sum(p.numel() for p in m.parameters()) for n, m in kids}
+        big = [(n, m) for n, m in kids if size[n] > 0.8 * (sum(size.values()) or 1)]
+        if len(big) == 1 and len(list(big[0][1].children())) >= 2:
+            prefix, container = f"{prefix}{big[0][0]}.", big[0][1]
+            continue
+        return prefix, [f"{prefix}{n}" for n, m in kids if size[n]]
+
+
+def feature_nodes(model: nn.Module, stages: int = 4) -> tuple[dict[str, str], dict[str, str]]:
+    """``create_feature_extractor`` return nodes (train, eval) for ``stages`` trunk stages (the
+    last ones of a short trunk, else evenly spaced): the last graph node inside each stage's
+    module, as ``{node: "stageK"}``."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    prefix, paths = _trunk_stages(model)
+    if len(paths) < stages:
+        raise InputError(f"{type(model).__name__}'s trunk has {len(paths)} stages "
+                         f"({paths}); ask for at most that many")
+    n = len(paths)  # a short trunk (ResNet's conv1, bn1, layer1..4): its last stages
+    picks = (list(range(n - stages, n)) if n <= 2 * stages
+             else [round((k + 1) * n / stages) - 1 for k in range(stages)])
+
+    def inside(x: str, path: str) -> bool:
+        return x == path or x.startswith(path + ".")
+
+    def in_trunk(x: str) -> bool:
+        return x.startswith(prefix) and x[len(prefix):].split(".")[0] not in _HEAD_NAMES
+
+    out = []
+    for names in get_graph_node_names(model):
+        nodes = {}
+        for k, j in enumerate(picks):
+            # a stage ends where the next stage with parameters starts, so the parameter-free
+            # modules after it (VGG's ReLU(inplace=True) and pooling) belong to it: the node
+            # returned is never one that a later in-place op mutates
+            start = next((i for i, x in enumerate(names) if inside(x, paths[j])), None)
+            if start is None:
+                raise InputError(f"no graph node of {type(model).__name__} lies in "
+                                 f"{paths[j]!r}")
+            end = next((i for i, x in enumerate(names) if j + 1 < n and inside(x, paths[j + 1])),
+                       len(names))
+            last = [x for x in names[start:end] if in_trunk(x)][-1]
+            nodes[last] = f"stage{k + 1}"
+        out.append(nodes)
+    return out[0], out[1]
+
+
 def _example(pop: str, name: str, size: int | tuple[int, int] | None, batch: int = 2) -> Any:
     g = torch.Generator().manual_seed(0)
     if pop == "video":
@@ -107,9 +169,23 @@ def build_tv(name: str, part: str = "", aux: bool = False, heads: int = 3, num_c
     from routesurgeon.zoo import BuiltModel
 
     pop = _population_of(name)
+    if part == "features" and pop == "classification":
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        if aux:
+            raise InputError(f"tv:{name}:features has no auxiliary outputs; drop --aux")
+        extra = {"aux_logits": False, "init_weights": False} if name in AUX_MODELS else {}
+        model = tvm.get_model(name, weights=None, num_classes=num_classes, **extra, **kwargs)
+        train_nodes, eval_nodes = feature_nodes(model.eval())
+        fx_model = create_feature_extractor(model, train_return_nodes=train_nodes,
+                                            eval_return_nodes=eval_nodes)
+        return BuiltModel(f"tv:{name}:features", fx_model.eval(),
+                          _example(pop, name, input_size), sorted(set(eval_nodes.values())))
     if part and (pop != "detection" or part != "heads"):
-        raise InputError(f"tv:{name}:{part}: only detection models have a part, 'heads' "
-                         f"(backbone + FPN + heads), e.g. tv:retinanet_resnet50_fpn:heads")
+        raise InputError(f"tv:{name}:{part}: the parts are 'features' (classification models: "
+                         f"create_feature_extractor over four stages, e.g. tv:resnet18:features)"
+                         f" and 'heads' (detection models: backbone + FPN + heads, e.g. "
+                         f"tv:retinanet_resnet50_fpn:heads)")
     if pop == "detection":
         from routesurgeon.detection import detection_heads
 

@@ -188,3 +188,48 @@ class _SideEffect(nn.Module):
 def test_wrapped_function_mutating_its_argument_is_refused() -> None:
     with pytest.raises(TracingError, match=r"_add_into.*returns a value nothing uses.*mutating"):
         rs.instrument(_SideEffect(), torch.randn(2, 3, 4, 4))
+
+
+class _Unpacks(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.shape[:2]  # tuple unpacking of a proxy: fx reads the caller's bytecode
+        return x.reshape(a, b, -1).sum(-1)
+
+
+def test_other_fx_tracers_still_unpack_proxies_after_import() -> None:
+    # routesurgeon patches fx.Proxy.__iter__ (with a disassembly cache); plain fx must still work
+    gm = torch.fx.symbolic_trace(_Unpacks())
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(gm(x), _Unpacks()(x))
+    for _ in range(2):  # a loop over a proxy is not an unpacking: fx's own error
+        with pytest.raises(torch.fx.proxy.TraceError):
+            torch.fx.symbolic_trace(_Loops())
+
+
+class _Loops(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(v for v in x)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_tv_features_part_is_a_four_stage_multi_output_model(name: str) -> None:
+    built = rs.build_model(f"tv:{name}:features", input_size=64)
+    assert built.tasks == ["stage1", "stage2", "stage3", "stage4"]
+    s = rs.instrument(built.model, built.example_inputs)
+    assert s.tasks == built.tasks
+    eager = _eager(built.model, built.example_inputs)
+    shapes = [eager[t].shape[-1] for t in s.tasks]
+    assert shapes == sorted(shapes, reverse=True) and shapes[0] > shapes[-1]  # deeper, smaller
+    routes = s.export_routes(keep=1.0)
+    n = {t: sum(p.numel() for p in r.parameters()) for t, r in routes.items()}
+    assert n["stage1"] < n["stage2"] < n["stage3"] < n["stage4"]  # a stage's route stops there
+    with torch.no_grad():
+        for t, route in routes.items():
+            assert torch.allclose(route(built.example_inputs), eager[t], atol=1e-5), t
+
+
+def test_tv_unknown_part_is_refused_with_the_parts_named() -> None:
+    with pytest.raises(InputError, match=r"'features'.*'heads'"):
+        rs.build_model("tv:resnet18:bogus")
+    with pytest.raises(InputError, match="no auxiliary outputs"):
+        rs.build_model("tv:googlenet:features", aux=True)
