@@ -2,11 +2,12 @@
 
 Every classification, segmentation and video model (``tv:NAME``; GoogLeNet/Inception v3 with their
 training-only aux logits, DeepLabV3/FCN with ``aux_loss``) and every detector's backbone + FPN +
-heads (``tv:NAME:heads``), random init: instrument (which checks the traced graph equals eager, in
-both modes when they differ), ``export_routes(keep=1.0)`` (each route verified against its masked
-reference), and each route's output compared with the eager model's on the example, with nothing
-pruned (every route keeps each layer's full width). One JSON line per model, appended, so a run
-resumes where it stopped:
+heads (``tv:NAME:heads``), and every classification model's four trunk stages as tasks
+(``tv:NAME:features``, torchvision's ``create_feature_extractor``), random init: instrument
+(which checks the traced graph equals eager, in both modes when they differ),
+``export_routes(keep=1.0)`` (each route verified against its masked reference), and each route's
+output compared with the eager model's on the example, with nothing pruned (every route keeps
+each layer's full width). One JSON line per model, appended, so a run resumes where it stopped:
 
     nohup nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/coverage_tv.py \\
         --out runs/coverage_tv.jsonl > runs/coverage_tv.log 2>&1 &
@@ -44,6 +45,8 @@ def specs() -> list[tuple[str, str, dict[str, Any]]]:
             else:
                 aux = name in AUX_MODELS or name.startswith(("deeplabv3_", "fcn_"))
                 out.append((pop, f"tv:{name}", {"aux": aux}))
+                if pop == "classification":  # its four trunk stages as tasks
+                    out.append(("classification-features", f"tv:{name}:features", {}))
     return out
 
 
@@ -133,7 +136,9 @@ Every torchvision classification, segmentation and video model (`torchvision.mod
 optical flow and quantized models excluded) built by `tv:NAME` with random weights (a backbone
 with three linear heads; GoogLeNet and Inception v3 with their training-only aux logits,
 DeepLabV3 and FCN with `aux_loss`), and every detector's backbone + FPN + heads
-(`tv:NAME:heads`; the full detectors are refused with an error naming that part). Each:
+(`tv:NAME:heads`; the full detectors are refused with an error naming that part); and every
+classification model's trunk as four stage outputs (`tv:NAME:features`: torchvision's own
+`create_feature_extractor`, one task per stage). Each:
 `instrument` (traced graph equal to eager, in both modes where they differ), then
 `export_routes(keep=1.0)`: one route per task, each verified against its masked reference,
 compared with the eager output of its task, and no layer it computes narrower than the model's.
