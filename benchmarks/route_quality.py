@@ -77,6 +77,7 @@ class Study:
     finetune_steps: int = 32
     tp_steps: int = 100
     tasks: tuple[str, ...] | None = None  # default: every task of the recipe
+    reconstruct: bool = False  # also measure rs.reconstruct (least squares, then BN)
 
 
 QUICK = Study(n_train=64, n_test=64, epochs=1, max_batches=2, recal_batches=2, score_batches=1,
@@ -129,10 +130,14 @@ def _primary(recipe: h.Recipe, task: str) -> str:
 
 
 def _stages(route: torch.nn.Module, recipe: h.Recipe, task: str, study: Study, seed: int,
-            finetune: bool) -> dict[str, dict[str, float]]:
+            finetune: bool, surgeon: rs.Surgeon | None = None) -> dict[str, dict[str, float]]:
     cfg = run_config(study)
     test = h.Batches(recipe.test, 256, False)
     out = {"exported": h.evaluate(route, test, recipe, tasks=[task])}
+    if study.reconstruct and surgeon is not None:  # least squares on the same batches, then BN
+        fitted = rs.reconstruct(copy.deepcopy(route), surgeon, h.Batches(
+            recipe.train, study.batch_size, True, seed + 7), batches=study.recal_batches)
+        out["reconstructed"] = h.evaluate(fitted, test, recipe, tasks=[task])
     rs.recalibrate(route, h.Batches(recipe.train, study.batch_size, True, seed + 7),
                    batches=study.recal_batches)
     out["recalibrated"] = h.evaluate(route, test, recipe, tasks=[task])
@@ -195,7 +200,8 @@ def run(study: Study, out: Path, log: Callable[[str], None] = print) -> None:
                 frac = costs.cost("flops", exported.meta["routesurgeon"].mask.pruned,
                                   (t,)) / task_full
                 route = copy.deepcopy(exported)  # fine-tuning must not touch shared modules
-            stages = _stages(route, recipe, t, study, seed, b in study.finetune_budgets)
+            stages = _stages(route, recipe, t, study, seed, b in study.finetune_budgets,
+                             None if crit.startswith("tp-") else surgeon)
             rec = {"recipe": study.recipe, "seed": seed, "variant": v, "criterion": crit,
                    "select": select, "budget": b, "task": t, "flops_fraction": frac,
                    "params": sum(p.numel() for p in route.parameters()),
@@ -211,6 +217,7 @@ def run(study: Study, out: Path, log: Callable[[str], None] = print) -> None:
             log(f"[{study.recipe} seed {seed}] {v:24s} b={b} {t:8s} flops {frac:.3f} "
                 f"full {full[m]:.3f} exp {stages['exported'][m]:.3f} "
                 f"recal {stages['recalibrated'][m]:.3f}"
+                + (f" lsq {stages['reconstructed'][m]:.3f}" if "reconstructed" in stages else "")
                 + (f" ft {stages['finetuned'][m]:.3f}" if "finetuned" in stages else "")
                 + f" ({rec['wall_s']:.0f}s)")
 
@@ -278,6 +285,11 @@ def relative(r: dict[str, Any], stage: str) -> float:
     return full / got if lower else got / full
 
 
+#: a row's stages, in order, with their column titles
+STAGES = {"exported": "exported", "recalibrated": "recalibrated",
+          "reconstructed": "reconstructed (lsq + BN)", "finetuned": "fine-tuned"}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Per recipe and budget: per variant, the mean over tasks of route/full metric per stage
     (mean ± std over seeds), and the actual kept FLOPs fraction."""
@@ -286,16 +298,17 @@ def table(rows: list[dict[str, Any]]) -> str:
         rr = [r for r in rows if r["recipe"] == recipe]
         seeds = sorted({r["seed"] for r in rr})
         tasks = list(dict.fromkeys(r["task"] for r in rr))
+        stages = [st for st in STAGES if any(st in r for r in rr)]
         lines += [f"#### {recipe}: route metric / full model metric, mean over tasks {tasks} "
                   f"(mean ± std over seeds {seeds})", "",
-                  "| budget | variant | kept FLOPs | exported | recalibrated | fine-tuned |",
-                  "|---|---|---|---|---|---|"]
+                  "| budget | variant | kept FLOPs | " + " | ".join(STAGES[st] for st in stages)
+                  + " |", "|---|---|---|" + "---|" * len(stages)]
         for b in sorted({r["budget"] for r in rr}):
             variants = list(dict.fromkeys(r["variant"] for r in rr if r["budget"] == b))
             scored = []
             for v in variants:
                 cells = []
-                for stage in ("exported", "recalibrated", "finetuned"):
+                for stage in stages:
                     per_seed = []
                     for s in seeds:
                         sel = [r for r in rr if r["budget"] == b and r["variant"] == v
@@ -305,7 +318,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                     cells.append(per_seed)
                 frac = [r["flops_fraction"] for r in rr if r["budget"] == b and r["variant"] == v]
                 scored.append((v, statistics.mean(frac), cells))
-            key = 2 if all(c[2] for _, _, c in scored) else 1
+            key = len(stages) - 1 if all(c[-1] for _, _, c in scored) else 1
             for v, frac, cells in sorted(scored, key=lambda x: -statistics.mean(x[2][key] or [0])):
                 lines.append(f"| {b} | {v} | {frac:.3f} | " + " | ".join(_ms(c) for c in cells)
                              + " |")
@@ -322,16 +335,17 @@ def task_table(rows: list[dict[str, Any]], budget: float = 0.5) -> str:
         tasks = list(dict.fromkeys(r["task"] for r in rr))
         if not rr:
             continue
+        stages = [st for st in ("recalibrated", "reconstructed", "finetuned")
+                  if any(st in r for r in rr)]
         lines += [f"#### {recipe} at {budget} of the FLOPs: per task, route/full metric "
-                  "recalibrated / fine-tuned (mean ± std over seeds)", "",
+                  f"{' / '.join(STAGES[st] for st in stages)} (mean ± std over seeds)", "",
                   "| variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for v in dict.fromkeys(r["variant"] for r in rr):
             cells = []
             for t in tasks:
                 sel = [r for r in rr if r["variant"] == v and r["task"] == t]
-                rec = _ms([relative(r, "recalibrated") for r in sel])
-                ft = _ms([relative(r, "finetuned") for r in sel if "finetuned" in r])
-                cells.append(f"{rec} / {ft}")
+                cells.append(" / ".join(_ms([relative(r, st) for r in sel if st in r])
+                                        for st in stages))
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -360,6 +374,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "finetune-steps", "tp-steps", "max-batches"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--method")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="also measure rs.reconstruct (layer least squares, then BN) per route")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summarise", type=Path, nargs="+", help="jsonl files: print the table")
     p.add_argument("--md", type=Path, help="with --summarise: write the table here")
@@ -381,6 +397,7 @@ def study_of(a: argparse.Namespace) -> Study:
         v = getattr(a, key)
         if v is not None:
             s = replace(s, **{key: v})
+    s = replace(s, reconstruct=bool(a.reconstruct))
     if a.quick and a.finetune_budgets is None:
         s = replace(s, finetune_budgets=s.budgets)
     return s

@@ -28,6 +28,7 @@ from routesurgeon.methods.drmgf_step import DRMGFStepConfig
 from routesurgeon.methods.registry import available_methods, register_method
 from routesurgeon.metrics import MetricSpec, delta_m, delta_m_tasks
 from routesurgeon.recalibrate import recalibrate
+from routesurgeon.reconstruct import reconstruct
 from routesurgeon.report import route_report
 from routesurgeon.routes import RouteInfo
 from routesurgeon.saving import load_route, read_manifest, save_routes
@@ -77,6 +78,7 @@ __all__ = [
     "multi_exit",
     "read_manifest",
     "recalibrate",
+    "reconstruct",
     "register_channel_rule",
     "register_method",
     "route_report",

@@ -185,6 +185,17 @@ def _fix_module_attributes(m: nn.Module) -> None:
             m.num_features = ref.shape[0]
 
 
+def route_cuts(surgeon: Surgeon, mask: RouteMask) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Per parameter/buffer path of the full model, the (axis, kept bool per index) it loses."""
+    groups = surgeon.channel_groups
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for (path, axis), ids in groups.state.params.items():
+        keep = _keep(groups, mask.pruned, ids)
+        if not keep.all():
+            cuts.setdefault(path, []).append((axis, keep))
+    return cuts
+
+
 def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
     """The route of ``mask`` as a standalone GraphModule with sliced standard modules.
 
@@ -197,11 +208,7 @@ def prune_graph(surgeon: Surgeon, mask: RouteMask) -> fx.GraphModule:
     used_modules = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     used_attrs = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
     # 1. new tensors for every sliced parameter/buffer
-    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for (path, axis), ids in st.params.items():
-        keep = _keep(groups, mask.pruned, ids)
-        if not keep.all():
-            cuts.setdefault(path, []).append((axis, keep))
+    cuts = route_cuts(surgeon, mask)
     overrides: dict[str, Any] = {}
     for mod_path in used_modules:
         src = gm.get_submodule(mod_path)
@@ -385,6 +392,7 @@ def export_routes(
     budget_params: float | None = None,
     calibration: Iterable[Any] | None = None,
     calibration_batches: int = 16,
+    reconstruct: bool = False,
 ) -> dict[str, fx.GraphModule] | fx.GraphModule:
     """Per task a pruned, verified route; with ``union=True`` one graph serving all ``tasks``.
 
@@ -393,8 +401,14 @@ def export_routes(
     Every route carries a ``RouteInfo`` as ``route.meta["routesurgeon"]``. ``scores``,
     ``select``, ``budget_flops`` and ``budget_params``: see ``routesurgeon.routes.route_mask``.
     ``calibration``: batches on which each verified route's norm statistics are then
-    re-estimated (``routesurgeon.recalibrate``, ``calibration_batches`` of them).
+    re-estimated (``routesurgeon.recalibrate``, ``calibration_batches`` of them); with
+    ``reconstruct=True`` the layers whose inputs were cut are first re-fitted to the full
+    model's outputs on those batches (``routesurgeon.reconstruct``).
     """
+    if reconstruct and calibration is None:
+        raise InputError("reconstruct=True re-fits layers on calibration batches: pass "
+                         "calibration=<loader of training batches>")
+    fit = surgeon if reconstruct else None
     budget = (("flops", float(budget_flops)) if budget_flops is not None else
               ("params", float(budget_params)) if budget_params is not None else None)
     sel: dict[str, Any] = {"select": select, "budget_flops": budget_flops,
@@ -414,20 +428,25 @@ def export_routes(
         err = verify_route(route, masked_graph(surgeon, mask), inputs, mask.task, tol)
         route = _finish(route, mask, tuple(chosen), err, inputs, keep, threshold, scores, tol,
                         select, budget)
-        return _calibrated(route, calibration, calibration_batches)
+        return _calibrated(route, calibration, calibration_batches, fit)
     routes: dict[str, fx.GraphModule] = {}
     for t, mask in masks.items():
         route = prune_graph(surgeon, mask)
         err = verify_route(route, masked_graph(surgeon, mask), inputs, t, tol)
         routes[t] = _calibrated(_finish(route, mask, (t,), err, inputs, keep, threshold, scores,
-                                        tol, select, budget), calibration, calibration_batches)
+                                        tol, select, budget), calibration, calibration_batches,
+                                fit)
     return routes
 
 
-def _calibrated(route: fx.GraphModule, loader: Iterable[Any] | None, batches: int
-                ) -> fx.GraphModule:
+def _calibrated(route: fx.GraphModule, loader: Iterable[Any] | None, batches: int,
+                fit: Surgeon | None = None) -> fx.GraphModule:
     if loader is None:
         return route
+    if fit is not None:
+        from routesurgeon.reconstruct import reconstruct
+
+        return cast(fx.GraphModule, reconstruct(route, fit, loader, batches))
     from routesurgeon.recalibrate import recalibrate
 
     return cast(fx.GraphModule, recalibrate(route, loader, batches))

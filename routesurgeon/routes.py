@@ -316,3 +316,4 @@ class RouteInfo:
     select: str = "layer"  # "layer" or "global" ranking
     budget: tuple[str, float] | None = None  # ("flops" | "params", fraction) when set
     recalibrated: int = 0  # batches its norm statistics were re-estimated on after verification
+    reconstructed: int = 0  # batches its layers were re-fitted on (routesurgeon.reconstruct)

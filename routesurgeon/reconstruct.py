@@ -1,0 +1,195 @@
+"""Least-squares reconstruction of a route's layers from the full model (no training).
+
+Pruning a route removes input channels of the layers after each cut; what those channels carried
+is lost, and BN recalibration (``routesurgeon.recalibrate``) only re-centres and re-scales what
+is left. Channel-pruning work (He et al., "Channel Pruning for Accelerating Very Deep Neural
+Networks", ICCV 2017; Luo et al., "ThiNet", ICCV 2017) instead re-fits the weights of each layer
+whose inputs were cut so that, on a few batches, its output on the kept inputs matches the full
+model's output at that layer: a linear least-squares problem per layer.
+
+``reconstruct(route, surgeon, loader, batches=8)`` does that for every ``Conv2d`` (ungrouped,
+zero padding) and ``Linear`` of an exported route whose input channels were cut, in graph order
+(each layer is fitted on the route's inputs *after* the earlier layers were re-fitted, so errors
+do not compound), with a small ridge term; then, by default, it recalibrates the route's norm
+statistics. Targets are the full model's pre-norm outputs at the same layer, restricted to the
+channels the route keeps. Only modules the route owns are changed (a module shared with the full
+model is copied first): the full model and the other routes never change.
+
+After reconstruction a route no longer equals its masked reference (it is not meant to, like a
+recalibrated route): ``route.meta["routesurgeon"].reconstructed`` records the batches it saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from routesurgeon.errors import InputError
+from routesurgeon.recalibrate import _check_fits, _inputs_of, _set_module, recalibrate
+from routesurgeon.routes import RouteInfo
+
+if TYPE_CHECKING:
+    from routesurgeon.surgeon import Surgeon
+
+__all__ = ["reconstruct"]
+
+
+def _fittable(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+def _targets(route: fx.GraphModule, surgeon: Surgeon, info: RouteInfo
+             ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(module path, kept input channels, kept output channels) of the layers to re-fit, in
+    graph order: fittable modules whose weight lost input channels."""
+    from routesurgeon.export import route_cuts
+
+    cuts = route_cuts(surgeon, info.mask)
+    full = surgeon.traced.eval_graph
+    calls: dict[str, int] = {}
+    for node in route.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    out = []
+    for path, n in calls.items():  # graph order; a module called twice is not re-fitted
+        if n > 1:
+            continue
+        axes = dict(cuts.get(f"{path}.weight", []))
+        if 1 not in axes or not _fittable(route.get_submodule(path)):
+            continue
+        mine = cast(torch.Tensor, route.get_submodule(path).weight)
+        theirs = cast(torch.Tensor, full.get_submodule(path).weight)
+        keep_in = np.flatnonzero(axes[1])
+        keep_out = np.flatnonzero(axes[0]) if 0 in axes else np.arange(theirs.shape[0])
+        if (len(keep_out), len(keep_in)) != tuple(mine.shape[:2]) or \
+                len(axes[1]) != theirs.shape[1]:
+            raise InputError(f"route layer {path!r} does not match the surgeon's model "
+                             f"(weight {tuple(mine.shape)}, full {tuple(theirs.shape)}): pass "
+                             f"the surgeon the route was exported from")
+        out.append((path, keep_in, keep_out))
+    return out
+
+
+def _rows(m: nn.Module, x: torch.Tensor, y: torch.Tensor, keep_out: np.ndarray, limit: int,
+          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Design rows (inputs, with a ones column when the layer has a bias) and targets."""
+    idx = torch.as_tensor(keep_out, dtype=torch.long, device=y.device)
+    if isinstance(m, nn.Linear):
+        xs = x.reshape(-1, x.shape[-1])
+        ys = y.index_select(y.dim() - 1, idx).reshape(-1, len(keep_out))
+    else:
+        conv = m
+        assert isinstance(conv, nn.Conv2d)
+        cols = F.unfold(x, conv.kernel_size, conv.dilation,
+                        cast(tuple[int, ...], conv.padding), conv.stride)
+        xs = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        ys = y.index_select(1, idx).flatten(2).transpose(1, 2).reshape(-1, len(keep_out))
+    if xs.shape[0] != ys.shape[0]:
+        raise InputError(f"reconstruction rows do not line up ({xs.shape[0]} inputs, "
+                         f"{ys.shape[0]} targets): unsupported layer {m}")
+    if xs.shape[0] > limit:
+        pick = torch.randperm(xs.shape[0], generator=gen)[:limit].to(xs.device)
+        xs, ys = xs[pick], ys[pick]
+    if getattr(m, "bias", None) is not None:
+        xs = torch.cat([xs, xs.new_ones(xs.shape[0], 1)], 1)
+    return xs.double(), ys.double()
+
+
+def _capture(model: nn.Module, path: str, inputs: list[Any], want: str) -> torch.Tensor:
+    """The input (``want="in"``) or output of ``model``'s module ``path`` on ``inputs``."""
+    got: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        got.append((args[0] if want == "in" else out).detach())
+
+    handle = model.get_submodule(path).register_forward_hook(hook)
+    try:
+        model(*inputs)
+    finally:
+        handle.remove()
+    if len(got) != 1:
+        raise InputError(f"module {path!r} ran {len(got)} times in one forward; reconstruction "
+                         f"fits layers that run once")
+    return got[0]
+
+
+@torch.no_grad()
+def reconstruct(route: nn.Module, surgeon: Surgeon, loader: Iterable[Any], batches: int = 8,
+                ridge: float = 1e-3, rows_per_batch: int = 4096, recalibrate_after: bool = True,
+                seed: int = 0) -> nn.Module:
+    """Re-fit ``route``'s layers whose inputs were cut to the full model's outputs; returns it.
+
+    ``loader``: training batches (``x``, ``(x, targets)`` or a tuple of inputs; ``batches`` are
+    used). ``ridge``: the regulariser, relative to the mean diagonal of each layer's Gram matrix.
+    ``rows_per_batch``: positions sampled per batch and layer (a conv has one row per output
+    position). ``recalibrate_after``: then re-estimate the norm statistics on the same batches.
+    """
+    info = getattr(route, "meta", {}).get("routesurgeon") if isinstance(route, fx.GraphModule) \
+        else None
+    if not isinstance(info, RouteInfo):
+        raise InputError("reconstruct needs a route returned by Surgeon.export_routes (it reads "
+                         "route.meta['routesurgeon'] to know which channels were kept)")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise InputError(f"batches must be a positive int, got {batches!r}")
+    if not ridge >= 0:
+        raise InputError(f"ridge must be >= 0, got {ridge!r}")
+    assert isinstance(route, fx.GraphModule)
+    data: list[list[Any]] = []
+    for batch in loader:
+        if len(data) == batches:
+            break
+        inputs = _inputs_of(batch)
+        _check_fits(route, inputs)
+        data.append(inputs)
+    if not data:
+        raise InputError("the reconstruction loader yielded no batch")
+    targets = _targets(route, surgeon, info)
+    full = surgeon.traced.eval_graph
+    full_params = {id(p) for p in full.parameters()}
+    modes = {m: m.training for m in [*route.modules(), *full.modules()]}
+    route.eval()
+    full.eval()
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for path, _keep_in, keep_out in targets:
+            mine = route.get_submodule(path)
+            if any(id(p) in full_params for p in mine.parameters()):
+                mine = copy.deepcopy(mine)  # never change the full model
+                _set_module(route, path, mine)
+            xtx: torch.Tensor | None = None
+            xty: torch.Tensor | None = None
+            for inputs in data:
+                x = _capture(route, path, inputs, "in")
+                y = _capture(full, path, inputs, "out")
+                xs, ys = _rows(mine, x, y, keep_out, rows_per_batch, gen)
+                a, b = xs.T @ xs, xs.T @ ys
+                xtx = a if xtx is None else xtx + a
+                xty = b if xty is None else xty + b
+            assert xtx is not None and xty is not None
+            lam = ridge * float(xtx.diagonal().mean()) + 1e-12
+            sol = torch.linalg.solve(xtx + lam * torch.eye(len(xtx), dtype=xtx.dtype), xty)
+            weight = cast(torch.Tensor, mine.weight)
+            bias = cast("torch.Tensor | None", getattr(mine, "bias", None))
+            w = (sol[:-1] if bias is not None else sol).T.reshape(weight.shape)
+            weight.copy_(w.to(weight.dtype))
+            if bias is not None:
+                bias.copy_(sol[-1].to(bias.dtype))
+    finally:
+        for mod, training in modes.items():
+            mod.training = training
+    info = dataclasses.replace(info, reconstructed=len(data))
+    route.meta["routesurgeon"] = info
+    if recalibrate_after:
+        recalibrate(route, [(d, {}) for d in data], batches=len(data))
+    return route
