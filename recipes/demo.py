@@ -36,7 +36,7 @@ MULTIFASHION = multifashion.Config(
     # it is compared on the O-Net above and in the full recipe
     run=h.RunConfig(epochs=2, batch_size=32, methods=("equal", "drmgf-step", "drmgf"),
                     route_methods=("drmgf-step",),
-                    finetune_epochs=1, recalibrate_batches=16))
+                    finetune_epochs=1, recalibrate_batches=16, reconstruct=True))
 
 
 def index_page(out: Path, parts: dict[str, Path], seconds: float) -> Path:

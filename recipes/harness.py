@@ -64,6 +64,8 @@ class RunConfig:
     finetune_epochs: int = 1
     recalibrate_batches: int = 0  # > 0: re-estimate each route's BN statistics on this many
     # training batches before fine-tuning (rs.recalibrate; "metric_recalibrated" in routes.json)
+    reconstruct: bool = False  # with recalibrate_batches: first re-fit the layers whose inputs
+    # were cut on those batches (rs.reconstruct; "metric_reconstructed" in routes.json)
     threads: int = 1
     progress: bool = True
     max_batches: int | None = None  # cap batches per pass (quick modes)
@@ -495,8 +497,13 @@ def export_routes(surgeon: rs.Surgeon, recipe: Recipe, cfg: RunConfig, seed: int
         before = evaluate(route, test, recipe, tasks=[t])
         recal: dict[str, Any] = {}
         if cfg.recalibrate_batches > 0:
-            rs.recalibrate(route, train_batches(recipe, cfg, seed + 2), cfg.recalibrate_batches)
-            recal = {"metric_recalibrated": evaluate(route, test, recipe, tasks=[t])}
+            batches = train_batches(recipe, cfg, seed + 2)
+            if cfg.reconstruct:  # least squares on the batches, then their BN statistics
+                rs.reconstruct(route, surgeon, batches, cfg.recalibrate_batches)
+            else:
+                rs.recalibrate(route, batches, cfg.recalibrate_batches)
+            key = "metric_reconstructed" if cfg.reconstruct else "metric_recalibrated"
+            recal = {key: evaluate(route, test, recipe, tasks=[t])}
         finetune_route(route, recipe, t, cfg, seed)
         after = evaluate(route, test, recipe, tasks=[t])
         out[t] = {
@@ -575,16 +582,19 @@ def markdown(summary: dict[str, Any], title: str) -> str:
 
 
 def routes_markdown(routes: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    recal = any("metric_recalibrated" in r for per in routes.values() for r in per.values())
+    rows = [r for per in routes.values() for r in per.values()]
+    stages = [(k, title) for k, title in (("metric_recalibrated", "route BN-recalibrated"),
+                                          ("metric_reconstructed", "route reconstructed"))
+              if any(k in r for r in rows)]
     cols = ["method", "task", "keep", "scores", "params", "FLOPs", "latency ms", "metric full",
-            "route", *(["route BN-recalibrated"] if recal else []), "route fine-tuned"]
+            "route", *(title for _, title in stages), "route fine-tuned"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method, per in routes.items():
         for t, r in per.items():
             def fmt(d: Mapping[str, float]) -> str:
                 return ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in d.items())
 
-            rec = f"{fmt(r.get('metric_recalibrated', {})) or '–'} | " if recal else ""
+            rec = "".join(f"{fmt(r.get(k, {})) or '–'} | " for k, _ in stages)
             lines.append(
                 f"| {method} | {t} | {r['keep']} | {r['scores']} | "
                 f"{r['params'] / 1e6:.3f}M / {r['full_params'] / 1e6:.3f}M | "
@@ -734,6 +744,9 @@ def recipe_parser(doc: str | None, out: str, presets: Iterable[str],
     p.add_argument("--threads", type=int)
     p.add_argument("--recalibrate-batches", type=int, help="re-estimate each exported route's "
                    "BN statistics on this many training batches (rs.recalibrate)")
+    p.add_argument("--reconstruct", action="store_true", default=None,
+                   help="with --recalibrate-batches: first re-fit each route's layers whose "
+                   "inputs were cut to the full model on those batches (rs.reconstruct)")
     return p
 
 
@@ -742,7 +755,7 @@ def chosen_preset(presets: Mapping[str, Any], args: argparse.Namespace) -> Any:
     applied to its ``run`` config."""
     cfg = presets["quick" if args.quick else args.preset]
     run = cfg.run
-    for key in ("seeds", "methods", "epochs", "threads", "recalibrate_batches"):
+    for key in ("seeds", "methods", "epochs", "threads", "recalibrate_batches", "reconstruct"):
         v = getattr(args, key, None)
         if v is not None:
             run = replace(run, **{key: tuple(v) if isinstance(v, list) else v})

@@ -118,3 +118,7 @@ def test_routes_table_shows_the_recalibrated_metric_only_when_measured() -> None
     assert "| route | route BN-recalibrated | route fine-tuned |" in lines[0]
     assert lines[2].endswith("| acc 0.1 | acc 0.55 | acc 0.5 |")
     assert lines[3].endswith("| acc 0.1 | – | acc 0.5 |")  # a route without it says so
+    both = {**recal, "metric_reconstructed": {"left/acc": 0.58}}
+    lines = h.routes_markdown({"equal": {"left": both}}).splitlines()
+    assert "| route BN-recalibrated | route reconstructed | route fine-tuned |" in lines[0]
+    assert lines[2].endswith("| acc 0.1 | acc 0.55 | acc 0.58 | acc 0.5 |")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,7 @@ def test_harness_recalibrates_exported_routes(net, x) -> None:
     assert 0.0 <= out["a"]["metric_recalibrated"]["a/acc"] <= 1.0
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items()
                if "running" in k)  # the full model's BN statistics are untouched
+    fitted = h.export_routes(s, recipe, replace(cfg, reconstruct=True), 0, tasks=["a"])
+    assert "metric_recalibrated" not in fitted["a"]
+    assert 0.0 <= fitted["a"]["metric_reconstructed"]["a/acc"] <= 1.0
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())  # nothing moved
