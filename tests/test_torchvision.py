@@ -146,7 +146,9 @@ def test_training_only_outputs_whose_eval_output_is_not_among_them_are_refused()
     ("tv:resnet_18", {}, "torchvision has no model 'resnet_18'"),
     ("tv:resnet18", {"aux": True}, "has no auxiliary outputs"),
     ("tv:lraspp_mobilenet_v3_large", {"aux": True}, "has no auxiliary head"),
-    ("tv:resnet18:heads", {}, "only detection models have a part"),
+    ("tv:resnet18:heads", {}, r"the parts are 'features' \(classification.*'heads' \(detection"),
+    ("tv:retinanet_resnet50_fpn:features", {}, r"the parts are 'features'"),
+    ("tv:resnet18:trunk", {}, r"tv:resnet18:trunk: the parts are"),
 ])
 def test_tv_spec_errors(spec: str, kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(InputError, match=match):
