@@ -138,6 +138,10 @@ def _stages(route: torch.nn.Module, recipe: h.Recipe, task: str, study: Study, s
         fitted = rs.reconstruct(copy.deepcopy(route), surgeon, h.Batches(
             recipe.train, study.batch_size, True, seed + 7), batches=study.recal_batches)
         out["reconstructed"] = h.evaluate(fitted, test, recipe, tasks=[task])
+        if finetune:  # the same fine-tuning budget, from the reconstructed route
+            h.finetune_route(fitted, recipe, task, replace(cfg, max_batches=study.finetune_steps),
+                             seed)
+            out["reconstructed_finetuned"] = h.evaluate(fitted, test, recipe, tasks=[task])
     rs.recalibrate(route, h.Batches(recipe.train, study.batch_size, True, seed + 7),
                    batches=study.recal_batches)
     out["recalibrated"] = h.evaluate(route, test, recipe, tasks=[task])
@@ -219,6 +223,8 @@ def run(study: Study, out: Path, log: Callable[[str], None] = print) -> None:
                 f"recal {stages['recalibrated'][m]:.3f}"
                 + (f" lsq {stages['reconstructed'][m]:.3f}" if "reconstructed" in stages else "")
                 + (f" ft {stages['finetuned'][m]:.3f}" if "finetuned" in stages else "")
+                + (f" lsq+ft {stages['reconstructed_finetuned'][m]:.3f}"
+                   if "reconstructed_finetuned" in stages else "")
                 + f" ({rec['wall_s']:.0f}s)")
 
 
@@ -287,7 +293,8 @@ def relative(r: dict[str, Any], stage: str) -> float:
 
 #: a row's stages, in order, with their column titles
 STAGES = {"exported": "exported", "recalibrated": "recalibrated",
-          "reconstructed": "reconstructed (lsq + BN)", "finetuned": "fine-tuned"}
+          "reconstructed": "reconstructed (lsq + BN)", "finetuned": "fine-tuned",
+          "reconstructed_finetuned": "reconstructed, fine-tuned"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -318,7 +325,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                     cells.append(per_seed)
                 frac = [r["flops_fraction"] for r in rr if r["budget"] == b and r["variant"] == v]
                 scored.append((v, statistics.mean(frac), cells))
-            key = len(stages) - 1 if all(c[-1] for _, _, c in scored) else 1
+            ft = stages.index("finetuned") if "finetuned" in stages else -1
+            key = ft if ft >= 0 and all(c[ft] for _, _, c in scored) else 1
             for v, frac, cells in sorted(scored, key=lambda x: -statistics.mean(x[2][key] or [0])):
                 lines.append(f"| {b} | {v} | {frac:.3f} | " + " | ".join(_ms(c) for c in cells)
                              + " |")
@@ -335,8 +343,8 @@ def task_table(rows: list[dict[str, Any]], budget: float = 0.5) -> str:
         tasks = list(dict.fromkeys(r["task"] for r in rr))
         if not rr:
             continue
-        stages = [st for st in ("recalibrated", "reconstructed", "finetuned")
-                  if any(st in r for r in rr)]
+        stages = [st for st in ("recalibrated", "reconstructed", "finetuned",
+                                "reconstructed_finetuned") if any(st in r for r in rr)]
         lines += [f"#### {recipe} at {budget} of the FLOPs: per task, route/full metric "
                   f"{' / '.join(STAGES[st] for st in stages)} (mean ± std over seeds)", "",
                   "| variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
