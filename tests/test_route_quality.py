@@ -41,6 +41,23 @@ def test_quick_route_quality_runs_resumes_and_summarises(tmp_path: Path) -> None
     assert "<svg" in quality_svg(rows)
 
 
+@pytest.mark.slow
+def test_quick_route_quality_with_reconstruction(tmp_path: Path) -> None:
+    out = tmp_path / "rq.jsonl"
+    rq.main(["--quick", "--out", str(out), "--variants", "raw-importance", "tp-taylor",
+             "--tasks", "left", "--n-test", "32", "--reconstruct"])
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    ours = rows["raw-importance"]
+    assert set(ours) >= {"recalibrated", "reconstructed", "finetuned", "reconstructed_finetuned"}
+    assert 0.0 <= ours["reconstructed_finetuned"]["left/acc"] <= 1.0
+    # torch-pruning's copy is not a route: nothing to re-fit it against, so no lsq stages
+    assert "reconstructed" not in rows["tp-taylor"] and "finetuned" in rows["tp-taylor"]
+    md = tmp_path / "t.md"
+    rq.main(["--summarise", str(out), "--md", str(md)])
+    text = md.read_text()
+    assert "reconstructed (lsq + BN)" in text and "reconstructed, fine-tuned" in text
+
+
 def _row(variant: str, seed: int, task: str, budget: float, acc: float) -> dict:
     return {"recipe": "r", "seed": seed, "variant": variant, "budget": budget, "task": task,
             "flops_fraction": budget - 0.01, "metric": f"{task}/acc",
