@@ -18,16 +18,10 @@ each rank's share (no SyncBatchNorm on CPU); the header of ``results.md`` says s
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import math
-import os
 import platform
 import random
-import shutil
-import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -37,14 +31,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# re-exported: the recipes use them as harness.X
+from harness_dist import (
+    Sharded,
+    _scratch_dir,
+    average_buffers,
+    average_gradients,
+    distributed_header,
+    distributed_info,
+    init_distributed,
+    replicate,
+)
+from harness_metrics import Metric, abs_err, accuracy, angle_err, delta_m, miou, mse, pixel_acc  # noqa: F401
+from harness_tables import _ms, markdown, routes_markdown, summarise  # noqa: F401
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import routesurgeon as rs
 from routesurgeon import distributed as rsdist
 from routesurgeon import report
-from routesurgeon.metrics import MetricSpec
-from routesurgeon.metrics import delta_m as package_delta_m
 
 # -- configuration --------------------------------------------------------------------------------
 
@@ -83,17 +89,6 @@ FULL_RUN = RunConfig(epochs=3, batch_size=32, seeds=(0, 1, 2))
 SMALL_RUN = RunConfig(epochs=2, batch_size=32, seeds=(0, 1, 2))
 
 @dataclass(frozen=True)
-class Metric:
-    """A test metric accumulated over batches: ``stats(out, target)`` returns an array summed
-    over batches, ``finish(sum)`` turns the sum into the value."""
-
-    name: str
-    stats: Callable[[Tensor, Tensor], np.ndarray]
-    finish: Callable[[np.ndarray], float]
-    higher_is_better: bool
-
-
-@dataclass(frozen=True)
 class TaskSpec:
     loss: Callable[[Tensor, Tensor], Tensor]
     metrics: tuple[Metric, ...]
@@ -115,179 +110,13 @@ class Recipe:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# -- metrics --------------------------------------------------------------------------------------
-
-
-def accuracy(name: str = "acc") -> Metric:
-    def stats(out: Tensor, y: Tensor) -> np.ndarray:
-        return np.array([float((out.argmax(1) == y).sum()), float(y.numel())])
-
-    return Metric(name, stats, lambda s: float(s[0] / max(s[1], 1)), True)
-
-
-def miou(num_classes: int) -> Metric:
-    def stats(out: Tensor, y: Tensor) -> np.ndarray:
-        pred = out.argmax(1).flatten()
-        idx = y.flatten() * num_classes + pred
-        return torch.bincount(idx, minlength=num_classes**2).double().numpy()
-
-    def finish(s: np.ndarray) -> float:
-        cm = s.reshape(num_classes, num_classes)
-        inter = np.diag(cm)
-        union = cm.sum(0) + cm.sum(1) - inter
-        return float(np.mean(inter[union > 0] / union[union > 0]))
-
-    return Metric("mIoU", stats, finish, True)
-
-
-def pixel_acc() -> Metric:
-    def stats(out: Tensor, y: Tensor) -> np.ndarray:
-        return np.array([float((out.argmax(1) == y).sum()), float(y.numel())])
-
-    return Metric("pix_acc", stats, lambda s: float(s[0] / max(s[1], 1)), True)
-
-
-def abs_err(name: str = "abs_err") -> Metric:
-    def stats(out: Tensor, y: Tensor) -> np.ndarray:
-        return np.array([float((out - y).abs().sum()), float(y.numel())])
-
-    return Metric(name, stats, lambda s: float(s[0] / max(s[1], 1)), False)
-
-
-def mse(name: str = "mse") -> Metric:
-    def stats(out: Tensor, y: Tensor) -> np.ndarray:
-        return np.array([float(((out - y) ** 2).sum()), float(y.numel())])
-
-    return Metric(name, stats, lambda s: float(s[0] / max(s[1], 1)), False)
-
-
-def angle_err() -> Metric:
-    """Mean angle (degrees) between predicted and true unit normals."""
-
-    def stats(out: Tensor, y: Tensor) -> np.ndarray:
-        cos = (nn.functional.normalize(out, dim=1) * y).sum(1).clamp(-1, 1)
-        ang = torch.rad2deg(torch.acos(cos))
-        return np.array([float(ang.sum()), float(ang.numel())])
-
-    return Metric("angle_deg", stats, lambda s: float(s[0] / max(s[1], 1)), False)
-
-
-def delta_m(metrics: Mapping[str, float], reference: Mapping[str, float],
-            higher_is_better: Mapping[str, bool]) -> float | None:
-    """Maninis et al.'s delta_m in percent (``routesurgeon.metrics.delta_m``: mean over metrics of
-    the signed relative difference to the single-task reference; lower is better). ``None``
-    when a reference value is 0 (undefined)."""
-    specs = {k: MetricSpec(k.split("/")[0], hib) for k, hib in higher_is_better.items()}
-    if any(reference[k] == 0 for k in specs):
-        return None
-    return package_delta_m({k: metrics[k] for k in specs}, {k: reference[k] for k in specs},
-                           specs)
-
-
-# -- torchrun -------------------------------------------------------------------------------------
-
-_SCRATCH: list[Path] = []  # the private output directory of a rank other than 0
-
-
-def init_distributed() -> int:
-    """Initialise the process group once when launched by ``torchrun`` with more than one process
-    (``WORLD_SIZE`` > 1); return the world size (1 in a plain run).
-
-    The harness trains on CPU, so gloo carries its tensors; with CUDA available the group is
-    ``cpu:gloo,cuda:nccl`` (CUDA tensors would go through nccl). Ranks other than 0 print
-    nothing (stdout to /dev/null; errors still reach stderr). The group is destroyed at exit.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 1
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("cpu:gloo,cuda:nccl")
-    else:
-        dist.init_process_group("gloo")
-    atexit.register(_finish_distributed)
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-    return dist.get_world_size()
-
-
-def _finish_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    for path in _SCRATCH:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _scratch_dir() -> Path:
-    """A rank > 0's own output directory: what a recipe writes there is thrown away at exit."""
-    if not _SCRATCH:
-        _SCRATCH.append(Path(tempfile.mkdtemp(prefix=f"routesurgeon-rank{rsdist.rank()}-")))
-    return _SCRATCH[0]
-
-
-def distributed_info(cfg: RunConfig) -> dict[str, Any]:
-    """What ``results.json`` records about the process group (world size 1 in a plain run)."""
-    world = rsdist.world_size()
-    info: dict[str, Any] = {"world_size": world}
-    if world > 1:
-        info.update(backend=str(dist.get_backend()), per_rank_batch=cfg.batch_size // world,
-                    batchnorm="train-mode BatchNorm normalises with each rank's share of the "
-                              "batch (per-shard statistics; SyncBatchNorm needs GPUs); running "
-                              "statistics are averaged over ranks after each epoch")
-    return info
-
-
-def distributed_header(cfg: RunConfig) -> str:
-    """The line ``results.md`` and the console start with when the run has several processes."""
-    world = rsdist.world_size()
-    if world == 1:
-        return ""
-    return (f"Distributed: {world} processes ({dist.get_backend()}), each trains on 1/{world} of "
-            f"every global batch of {cfg.batch_size} (gradients averaged: equal to one process "
-            f"up to float rounding), except that BatchNorm in train mode uses per-shard "
-            f"statistics ({cfg.batch_size // world} samples; SyncBatchNorm needs GPUs). A global "
-            f"batch that does not split into {world} equal shares loses its last samples.\n")
-
-
-class Sharded:
-    """This rank's equal share of every global batch of ``batches``; a global batch whose size is
-    not a multiple of the world size first loses its last ``size % world`` samples (equal
-    shares keep the averaged gradient equal to the trimmed global batch's)."""
-
-    def __init__(self, batches: Batches) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        world = rsdist.world_size()
-        for x, ys in self.batches:
-            keep = len(x) - len(x) % world
-            if keep:
-                yield rsdist.shard((x[:keep], {t: y[:keep] for t, y in ys.items()}))
-
+# -- metrics: harness_metrics; torchrun: harness_dist; tables: harness_tables
 
 def train_batches(recipe: Recipe, cfg: RunConfig, seed: int) -> Iterable[Any]:
     """The training batches of one run: the global batches, or this rank's shares of them."""
     batches = Batches(recipe.train, cfg.batch_size, True, seed, cfg.max_batches)
     return Sharded(batches) if rsdist.is_distributed() else batches
 
-
-def replicate(model: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank (a no-op in one process)."""
-    rsdist.broadcast_tensors([t for t in model.state_dict().values() if t.is_floating_point()])
-
-
-def average_gradients(model: nn.Module) -> None:
-    """Average ``.grad`` over ranks in one all-reduce (a no-op in one process)."""
-    rsdist.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
-
-
-def average_buffers(model: nn.Module) -> None:
-    """Average the floating-point buffers (BatchNorm running statistics) over ranks."""
-    rsdist.all_reduce_mean([b for b in model.buffers() if b.is_floating_point()])
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -515,93 +344,6 @@ def export_routes(surgeon: rs.Surgeon, recipe: Recipe, cfg: RunConfig, seed: int
             "metric_route": before, "metric_finetuned": after, **recal,
         }
     return out
-
-
-# -- tables ---------------------------------------------------------------------------------------
-
-
-def _ms(values: Sequence[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
-    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
-
-
-def summarise(hib: Mapping[str, bool], runs: list[dict[str, Any]],
-              singles: list[dict[str, Any]], delta_keys: Sequence[str] | None = None
-              ) -> dict[str, Any]:
-    """Mean/std per method and metric (``hib``: metric -> higher is better), delta_m per seed
-    against that seed's single-task runs, mean rank over metrics (1 = best)."""
-    keys = list(hib)
-    dkeys = list(delta_keys or keys)
-    dhib = {k: hib[k] for k in dkeys}
-    ref_by_seed: dict[int, dict[str, float]] = {}
-    for s in singles:
-        ref_by_seed.setdefault(s["seed"], {}).update(s["metrics"])
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    table: dict[str, dict[str, Any]] = {}
-    for m in methods:
-        rows = [r for r in runs if r["method"] == m]
-        entry: dict[str, Any] = {k: [r["metrics"][k] for r in rows] for k in keys}
-        entry["wall_s"] = [r["wall_s"] for r in rows]
-        entry["passes"] = [r["passes"] for r in rows]
-        dms = [delta_m(r["metrics"], ref_by_seed[r["seed"]], dhib) for r in rows
-               if set(dkeys) <= set(ref_by_seed.get(r["seed"], {}))]
-        entry["delta_m"] = [d for d in dms if d is not None]
-        table[m] = entry
-    ranks: dict[str, list[float]] = {m: [] for m in methods}
-    for k in keys:  # ties share the mean of their ranks
-        signed = {m: statistics.mean(table[m][k]) * (-1 if hib[k] else 1) for m in methods}
-        for m in methods:
-            better = sum(signed[o] < signed[m] for o in methods)
-            tied = sum(signed[o] == signed[m] for o in methods)
-            ranks[m].append(better + (tied + 1) / 2)
-    for m in methods:
-        table[m]["mean_rank"] = statistics.mean(ranks[m])
-    single = {k: [s["metrics"][k] for s in singles if k in s["metrics"]] for k in keys}
-    return {"methods": table, "single_task": single, "keys": keys, "higher_is_better": hib,
-            "delta_keys": dkeys}
-
-
-def markdown(summary: dict[str, Any], title: str) -> str:
-    keys = summary["keys"]
-    arrows = ["↑" if summary["higher_is_better"][k] else "↓" for k in keys]
-    head = ["method", *[f"{k} {a}" for k, a in zip(keys, arrows)], "Δm % ↓", "mean rank",
-            "wall s", "passes"]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
-    if any(summary["single_task"].values()):
-        lines.append("| single-task | " + " | ".join(
-            _ms(summary["single_task"][k]) if summary["single_task"][k] else "–" for k in keys)
-            + " | 0 | – | – | – |")
-    for m, e in sorted(summary["methods"].items(), key=lambda kv: kv[1]["mean_rank"]):
-        dm = _ms(e["delta_m"]) if e["delta_m"] else "–"
-        lines.append(f"| {m} | " + " | ".join(_ms(e[k]) for k in keys)
-                     + f" | {dm} | {e['mean_rank']:.2f} | {_ms(e['wall_s'])} | "
-                     f"{_ms(e['passes'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def routes_markdown(routes: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    rows = [r for per in routes.values() for r in per.values()]
-    stages = [(k, title) for k, title in (("metric_recalibrated", "route BN-recalibrated"),
-                                          ("metric_reconstructed", "route reconstructed"))
-              if any(k in r for r in rows)]
-    cols = ["method", "task", "keep", "scores", "params", "FLOPs", "latency ms", "metric full",
-            "route", *(title for _, title in stages), "route fine-tuned"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for method, per in routes.items():
-        for t, r in per.items():
-            def fmt(d: Mapping[str, float]) -> str:
-                return ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in d.items())
-
-            rec = "".join(f"{fmt(r.get(k, {})) or '–'} | " for k, _ in stages)
-            lines.append(
-                f"| {method} | {t} | {r['keep']} | {r['scores']} | "
-                f"{r['params'] / 1e6:.3f}M / {r['full_params'] / 1e6:.3f}M | "
-                f"{r['flops'] / 1e6:.1f}M / {r['full_flops'] / 1e6:.1f}M | "
-                f"{r['latency_ms']:.2f} / {r['full_latency_ms']:.2f} | {fmt(r['metric_full'])} | "
-                f"{fmt(r['metric_route'])} | {rec}{fmt(r['metric_finetuned'])} |")
-    return "\n".join(lines) + "\n"
 
 
 # -- output directory and report ------------------------------------------------------------------
