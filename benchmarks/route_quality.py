@@ -75,6 +75,7 @@ class Study:
     recal_batches: int = 16
     score_batches: int = 8
     finetune_steps: int = 32
+    finetune_lr: float | None = None  # default: the training lr (1e-3; O-Net 1e-4)
     tp_steps: int = 100
     tasks: tuple[str, ...] | None = None  # default: every task of the recipe
     reconstruct: bool = False  # also measure rs.reconstruct (least squares, then BN)
@@ -132,6 +133,7 @@ def _primary(recipe: h.Recipe, task: str) -> str:
 def _stages(route: torch.nn.Module, recipe: h.Recipe, task: str, study: Study, seed: int,
             finetune: bool, surgeon: rs.Surgeon | None = None) -> dict[str, dict[str, float]]:
     cfg = run_config(study)
+    ft_cfg = replace(cfg, max_batches=study.finetune_steps, lr=study.finetune_lr or cfg.lr)
     test = h.Batches(recipe.test, 256, False)
     out = {"exported": h.evaluate(route, test, recipe, tasks=[task])}
     if study.reconstruct and surgeon is not None:  # least squares on the same batches, then BN
@@ -139,15 +141,13 @@ def _stages(route: torch.nn.Module, recipe: h.Recipe, task: str, study: Study, s
             recipe.train, study.batch_size, True, seed + 7), batches=study.recal_batches)
         out["reconstructed"] = h.evaluate(fitted, test, recipe, tasks=[task])
         if finetune:  # the same fine-tuning budget, from the reconstructed route
-            h.finetune_route(fitted, recipe, task, replace(cfg, max_batches=study.finetune_steps),
-                             seed)
+            h.finetune_route(fitted, recipe, task, ft_cfg, seed)
             out["reconstructed_finetuned"] = h.evaluate(fitted, test, recipe, tasks=[task])
     rs.recalibrate(route, h.Batches(recipe.train, study.batch_size, True, seed + 7),
                    batches=study.recal_batches)
     out["recalibrated"] = h.evaluate(route, test, recipe, tasks=[task])
     if finetune:
-        h.finetune_route(route, recipe, task, replace(cfg, max_batches=study.finetune_steps),
-                         seed)
+        h.finetune_route(route, recipe, task, ft_cfg, seed)
         out["finetuned"] = h.evaluate(route, test, recipe, tasks=[task])
     return out
 
@@ -214,7 +214,7 @@ def run(study: Study, out: Path, log: Callable[[str], None] = print) -> None:
                    **stages, "method": study.method, "wall_s": time.perf_counter() - t1,
                    "study": {k: getattr(study, k) for k in (
                        "n_train", "n_test", "epochs", "batch_size", "max_batches",
-                       "recal_batches", "score_batches", "finetune_steps")}}
+                       "recal_batches", "score_batches", "finetune_steps", "finetune_lr")}}
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             m = rec["metric"]
@@ -381,6 +381,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("n-train", "n-test", "epochs", "recal-batches", "score-batches",
                  "finetune-steps", "tp-steps", "max-batches"):
         p.add_argument(f"--{name}", type=int)
+    p.add_argument("--finetune-lr", type=float,
+                   help="Adam lr of the route fine-tune (default: the training lr)")
     p.add_argument("--method")
     p.add_argument("--reconstruct", action="store_true",
                    help="also measure rs.reconstruct (layer least squares, then BN) per route")
@@ -401,7 +403,7 @@ def study_of(a: argparse.Namespace) -> Study:
         if v is not None:
             s = replace(s, **{key: tuple(v)})
     for key in ("n_train", "n_test", "epochs", "recal_batches", "score_batches",
-                "finetune_steps", "tp_steps", "max_batches", "method"):
+                "finetune_steps", "finetune_lr", "tp_steps", "max_batches", "method"):
         v = getattr(a, key)
         if v is not None:
             s = replace(s, **{key: v})

@@ -45,8 +45,9 @@ def test_quick_route_quality_runs_resumes_and_summarises(tmp_path: Path) -> None
 def test_quick_route_quality_with_reconstruction(tmp_path: Path) -> None:
     out = tmp_path / "rq.jsonl"
     rq.main(["--quick", "--out", str(out), "--variants", "raw-importance", "tp-taylor",
-             "--tasks", "left", "--n-test", "32", "--reconstruct"])
+             "--tasks", "left", "--n-test", "32", "--reconstruct", "--finetune-lr", "1e-4"])
     rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert {r["study"]["finetune_lr"] for r in rows.values()} == {1e-4}
     ours = rows["raw-importance"]
     assert set(ours) >= {"recalibrated", "reconstructed", "finetuned", "reconstructed_finetuned"}
     assert 0.0 <= ours["reconstructed_finetuned"]["left/acc"] <= 1.0
