@@ -10,8 +10,8 @@ output compared with the eager model's on the example, with nothing pruned (ever
 each layer's full width). One JSON line per model, appended, so a run resumes where it stopped:
 
     nohup nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/coverage_tv.py \\
-        --out runs/coverage_tv.jsonl > runs/coverage_tv.log 2>&1 &
-    python benchmarks/coverage_tv.py --out runs/coverage_tv.jsonl --report
+        --out docs/coverage_data/tv.jsonl > runs/coverage_tv.log 2>&1 &
+    python benchmarks/coverage_tv.py --out docs/coverage_data/tv.jsonl --report
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def check(spec: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/coverage_tv.jsonl")
+    p.add_argument("--out", default="docs/coverage_data/tv.jsonl")
     p.add_argument("--report", action="store_true", help="summarise the jsonl and exit")
     p.add_argument("--write", default=None, help="with --report: update this markdown file's "
                    "section (docs/coverage.md)")
