@@ -151,7 +151,13 @@ def test_recalibrate_route_statistics_not_the_full_model(net: nn.Module,
     other = routes["b"]  # untouched by a's recalibration
     assert torch.equal(other.b1.running_mean, net.b1.running_mean[other.meta_route.kept["c1"]])
     r = s.export_routes(keep=0.5, scores="magnitude", calibration=data, calibration_batches=2)
-    assert r["d"].meta["routesurgeon"].recalibrated == 2
+    # calibration batches re-fit the cut layers first (the default), then BN
+    assert (r["d"].meta["routesurgeon"].reconstructed, r["d"].meta["routesurgeon"].recalibrated
+            ) == (2, 2)
+    r = s.export_routes(keep=0.5, scores="magnitude", calibration=data, calibration_batches=2,
+                        reconstruct=False)  # BN statistics alone
+    assert (r["d"].meta["routesurgeon"].reconstructed, r["d"].meta["routesurgeon"].recalibrated
+            ) == (0, 2)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
 
 
