@@ -204,8 +204,8 @@ def run(study: Study, out: Path, log: Callable[[str], None] = print) -> None:
                 frac = costs.cost("flops", exported.meta["routesurgeon"].mask.pruned,
                                   (t,)) / task_full
                 route = copy.deepcopy(exported)  # fine-tuning must not touch shared modules
-            stages = _stages(route, recipe, t, study, seed, b in study.finetune_budgets,
-                             None if crit.startswith("tp-") else surgeon)
+            # torch-pruning's copies too: their kept channels are read off their weights
+            stages = _stages(route, recipe, t, study, seed, b in study.finetune_budgets, surgeon)
             rec = {"recipe": study.recipe, "seed": seed, "variant": v, "criterion": crit,
                    "select": select, "budget": b, "task": t, "flops_fraction": frac,
                    "params": sum(p.numel() for p in route.parameters()),

@@ -17,6 +17,12 @@ model is copied first): the full model and the other routes never change.
 
 After reconstruction a route no longer equals its masked reference (it is not meant to, like a
 recalibrated route): ``route.meta["routesurgeon"].reconstructed`` records the batches it saw.
+
+A copy of the surgeon's network pruned by another tool (torch-pruning's per-task copy,
+``routesurgeon.tp_anchor``: same module paths, narrower layers, no route record) is re-fitted the
+same way: which channels each layer kept is read off its weights, which must be an exact slice
+``W[kept_out][:, kept_in]`` of the full model's (anything else, e.g. a copy trained after pruning,
+is refused).
 """
 
 from __future__ import annotations
@@ -81,6 +87,66 @@ def _targets(route: fx.GraphModule, surgeon: Surgeon, info: RouteInfo
     return out
 
 
+def _slice_of(small: torch.Tensor, big: torch.Tensor, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kept out, kept in) indices with ``small == big[out][:, in]`` exactly, or InputError."""
+    def refuse(why: str) -> InputError:
+        return InputError(f"layer {path!r}: its weight {tuple(small.shape)} is not an exact slice "
+                          f"of the full model's {tuple(big.shape)} ({why}); reconstruct a copy "
+                          f"right after pruning, before any training")
+
+    if small.dim() != big.dim() or small.shape[2:] != big.shape[2:] or \
+            small.shape[0] > big.shape[0] or small.shape[1] > big.shape[1]:
+        raise refuse("shapes")
+    s2 = small.detach().reshape(small.shape[0], small.shape[1], -1).cpu().numpy()
+    b2 = big.detach().reshape(big.shape[0], big.shape[1], -1).cpu().numpy()
+    where: dict[bytes, list[tuple[int, int]]] = {}  # each kernel slice's value -> (row, column)
+    for r in range(b2.shape[0]):
+        for i in range(b2.shape[1]):
+            where.setdefault(b2[r, i].tobytes(), []).append((r, i))
+    out_idx: list[int] = []
+    for o in range(s2.shape[0]):  # the full row holding this row's first kept kernel
+        rows = [r for r, _ in where.get(s2[o, 0].tobytes(), []) if r not in out_idx]
+        if not rows:
+            raise refuse(f"output channel {o} matches none of the full model's")
+        out_idx.append(rows[0])
+    in_idx: list[int] = []
+    for j in range(s2.shape[1]):  # the columns of that row, in order
+        cols = [i for r, i in where.get(s2[0, j].tobytes(), []) if r == out_idx[0]
+                and i not in in_idx]
+        if not cols:
+            raise refuse(f"input channel {j} matches none of the full model's")
+        in_idx.append(cols[0])
+    oi, ii = np.asarray(out_idx), np.asarray(in_idx)
+    if not torch.equal(big.detach()[torch.as_tensor(oi)][:, torch.as_tensor(ii)], small.detach()):
+        raise refuse("no consistent choice of kept channels")
+    return ii, oi
+
+
+def _copy_targets(pruned: nn.Module, surgeon: Surgeon) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``_targets`` for a copy pruned elsewhere: its fittable layers narrower in their inputs than
+    the full model's, with the kept channels read off the weights."""
+    full = surgeon.traced.eval_graph
+    order = ([str(n.target) for n in pruned.graph.nodes if n.op == "call_module"]
+             if isinstance(pruned, fx.GraphModule) else [p for p, _ in pruned.named_modules()])
+    out = []
+    for path in dict.fromkeys(order):  # graph order: each layer is fitted after those before it
+        m = pruned.get_submodule(path)
+        if not path or not _fittable(m):
+            continue
+        try:
+            theirs = full.get_submodule(path)
+        except AttributeError as e:
+            raise InputError(f"module {path!r} of the pruned copy is not in the surgeon's model: "
+                             f"reconstruct copies whose modules keep the model's names") from e
+        mine_w = cast(torch.Tensor, m.weight)
+        full_w = cast(torch.Tensor, theirs.weight)
+        if mine_w.shape[1] == full_w.shape[1]:
+            continue
+        keep_in, keep_out = _slice_of(mine_w, full_w, path)
+        out.append((path, keep_in, keep_out))
+    return out
+
+
 def _rows(m: nn.Module, x: torch.Tensor, y: torch.Tensor, keep_out: np.ndarray, limit: int,
           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Design rows (inputs, with a ones column when the layer has a bias) and targets."""
@@ -135,16 +201,12 @@ def reconstruct(route: nn.Module, surgeon: Surgeon, loader: Iterable[Any], batch
     ``rows_per_batch``: positions sampled per batch and layer (a conv has one row per output
     position). ``recalibrate_after``: then re-estimate the norm statistics on the same batches.
     """
-    info = getattr(route, "meta", {}).get("routesurgeon") if isinstance(route, fx.GraphModule) \
-        else None
-    if not isinstance(info, RouteInfo):
-        raise InputError("reconstruct needs a route returned by Surgeon.export_routes (it reads "
-                         "route.meta['routesurgeon'] to know which channels were kept)")
+    meta = getattr(route, "meta", None)
+    info = meta.get("routesurgeon") if isinstance(meta, dict) else None
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise InputError(f"batches must be a positive int, got {batches!r}")
     if not ridge >= 0:
         raise InputError(f"ridge must be >= 0, got {ridge!r}")
-    assert isinstance(route, fx.GraphModule)
     data: list[list[Any]] = []
     for batch in loader:
         if len(data) == batches:
@@ -154,7 +216,17 @@ def reconstruct(route: nn.Module, surgeon: Surgeon, loader: Iterable[Any], batch
         data.append(inputs)
     if not data:
         raise InputError("the reconstruction loader yielded no batch")
-    targets = _targets(route, surgeon, info)
+    if isinstance(info, RouteInfo):
+        assert isinstance(route, fx.GraphModule)
+        targets = _targets(route, surgeon, info)
+    else:
+        targets = _copy_targets(route, surgeon)
+        if not targets:
+            raise InputError("reconstruct needs a route returned by Surgeon.export_routes (it "
+                             "reads route.meta['routesurgeon'] to know which channels were kept) "
+                             "or a pruned copy of the surgeon's network (e.g. torch-pruning's, "
+                             "routesurgeon.tp_anchor) with narrower layers; this module has "
+                             "neither")
     full = surgeon.traced.eval_graph
     full_params = {id(p) for p in full.parameters()}
     modes = {m: m.training for m in [*route.modules(), *full.modules()]}
@@ -188,8 +260,11 @@ def reconstruct(route: nn.Module, surgeon: Surgeon, loader: Iterable[Any], batch
     finally:
         for mod, training in modes.items():
             mod.training = training
-    info = dataclasses.replace(info, reconstructed=len(data))
-    route.meta["routesurgeon"] = info
+    if isinstance(info, RouteInfo):
+        cast(fx.GraphModule, route).meta["routesurgeon"] = dataclasses.replace(
+            info, reconstructed=len(data))
+    else:
+        route.rs_reconstructed = len(data)  # type: ignore[assignment]
     if recalibrate_after:
         recalibrate(route, [(d, {}) for d in data], batches=len(data))
     return route

@@ -115,6 +115,7 @@ def torch_pruning_routes(
     for step in range(steps + 1):
         while targets and flops <= targets[0] * full:
             pruned = copy.deepcopy(model).eval()
+            pruned.meta.pop("routesurgeon", None)  # the unpruned copy's record: no longer true
             pruned.zero_grad(set_to_none=True)
             pruned.rs_flops_fraction = flops / full  # type: ignore[assignment]
             out[targets.pop(0)] = pruned

@@ -124,3 +124,45 @@ def test_reconstruct_bad_input() -> None:
     other_route = other.export_routes(keep=0.5, scores="magnitude", tasks=["a"])["a"]
     with pytest.raises(InputError, match="pass the surgeon the route was exported from"):
         rs.reconstruct(other_route, s, _batches())
+
+
+def test_kept_channels_are_read_off_an_exact_weight_slice() -> None:
+    from routesurgeon.reconstruct import _slice_of
+
+    torch.manual_seed(0)
+    big = torch.randn(6, 5, 3, 3)
+    keep_in, keep_out = _slice_of(big[[4, 1, 2]][:, [0, 3]], big, "c")
+    assert list(keep_out) == [4, 1, 2] and list(keep_in) == [0, 3]
+    lin = torch.randn(7, 9)
+    keep_in, keep_out = _slice_of(lin[[6, 0]][:, [8, 2, 5]], lin, "fc")
+    assert list(keep_out) == [6, 0] and list(keep_in) == [8, 2, 5]
+    trained = big[[4, 1, 2]][:, [0, 3]] + 1e-3  # changed after pruning: not a slice any more
+    with pytest.raises(InputError, match=r"layer 'c'.*not an exact slice"):
+        _slice_of(trained, big, "c")
+
+
+def test_a_torch_pruning_copy_is_reconstructed_from_its_weights() -> None:
+    from routesurgeon.tp_anchor import torch_pruning_route
+
+    net = _redundant_net()
+    s = rs.instrument(net, torch.randn(2, 3, 8, 8))
+    before_state = {k: v.clone() for k, v in net.state_dict().items()}
+    tp_copy = torch_pruning_route(s, "a", 0.6, "magnitude", steps=20)
+    assert "routesurgeon" not in tp_copy.meta  # the unpruned copy's record no longer holds
+    assert tp_copy.c1.out_channels < 8
+    held = _batches(2, seed=5)
+    with torch.no_grad():
+        want = torch.cat([net(x)["a"] for x in held])
+        err_before = (torch.cat([tp_copy(x) for x in held]) - want).pow(2).mean()
+        # the full model's BN statistics are its defaults here: compare the re-fit alone
+        rs.reconstruct(tp_copy, s, _batches(8), batches=8, ridge=0.0, recalibrate_after=False)
+        err_after = (torch.cat([tp_copy(x) for x in held]) - want).pow(2).mean()
+    assert tp_copy.rs_reconstructed == 8
+    assert err_before > 1e-5 and err_after < 0.1 * err_before
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before_state[k]), k
+    tampered = torch_pruning_route(s, "a", 0.6, "magnitude", steps=20)
+    with torch.no_grad():
+        tampered.c2.weight.add_(0.01)
+    with pytest.raises(InputError, match=r"layer 'c2'.*not an exact slice"):
+        rs.reconstruct(tampered, s, _batches())
