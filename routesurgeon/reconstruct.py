@@ -97,25 +97,43 @@ def _slice_of(small: torch.Tensor, big: torch.Tensor, path: str) -> tuple[np.nda
     if small.dim() != big.dim() or small.shape[2:] != big.shape[2:] or \
             small.shape[0] > big.shape[0] or small.shape[1] > big.shape[1]:
         raise refuse("shapes")
-    s2 = small.detach().reshape(small.shape[0], small.shape[1], -1).cpu().numpy()
-    b2 = big.detach().reshape(big.shape[0], big.shape[1], -1).cpu().numpy()
-    where: dict[bytes, list[tuple[int, int]]] = {}  # each kernel slice's value -> (row, column)
-    for r in range(b2.shape[0]):
-        for i in range(b2.shape[1]):
-            where.setdefault(b2[r, i].tobytes(), []).append((r, i))
+    # each kernel slice as an id (equal slices, equal ids); pruning keeps the survivors' order,
+    # so the kept rows and columns are increasing: match them as subsequences, greedily
+    ids: dict[bytes, int] = {}
+
+    def as_ids(t: torch.Tensor) -> np.ndarray:
+        a = t.detach().reshape(t.shape[0], t.shape[1], -1).cpu().numpy()
+        return np.array([[ids.setdefault(a[r, i].tobytes(), len(ids)) for i in range(a.shape[1])]
+                         for r in range(a.shape[0])], dtype=np.int64)
+
+    b2, s2 = as_ids(big), as_ids(small)
+
+    def holds(row: np.ndarray, sub: np.ndarray) -> bool:  # sub is a subsequence of row
+        k = 0
+        for v in row:
+            if k < len(sub) and v == sub[k]:
+                k += 1
+        return k == len(sub)
+
     out_idx: list[int] = []
-    for o in range(s2.shape[0]):  # the full row holding this row's first kept kernel
-        rows = [r for r, _ in where.get(s2[o, 0].tobytes(), []) if r not in out_idx]
-        if not rows:
-            raise refuse(f"output channel {o} matches none of the full model's")
-        out_idx.append(rows[0])
+    r = 0
+    for o in range(s2.shape[0]):
+        while r < b2.shape[0] and not holds(b2[r], s2[o]):
+            r += 1
+        if r == b2.shape[0]:
+            raise refuse(f"output channel {o} matches none of the full model's, in order")
+        out_idx.append(r)
+        r += 1
+    cols = b2[out_idx]
     in_idx: list[int] = []
-    for j in range(s2.shape[1]):  # the columns of that row, in order
-        cols = [i for r, i in where.get(s2[0, j].tobytes(), []) if r == out_idx[0]
-                and i not in in_idx]
-        if not cols:
-            raise refuse(f"input channel {j} matches none of the full model's")
-        in_idx.append(cols[0])
+    i = 0
+    for j in range(s2.shape[1]):
+        while i < cols.shape[1] and not np.array_equal(cols[:, i], s2[:, j]):
+            i += 1
+        if i == cols.shape[1]:
+            raise refuse(f"input channel {j} matches none of the full model's, in order")
+        in_idx.append(i)
+        i += 1
     oi, ii = np.asarray(out_idx), np.asarray(in_idx)
     if not torch.equal(big.detach()[torch.as_tensor(oi)][:, torch.as_tensor(ii)], small.detach()):
         raise refuse("no consistent choice of kept channels")

@@ -131,14 +131,21 @@ def test_kept_channels_are_read_off_an_exact_weight_slice() -> None:
 
     torch.manual_seed(0)
     big = torch.randn(6, 5, 3, 3)
-    keep_in, keep_out = _slice_of(big[[4, 1, 2]][:, [0, 3]], big, "c")
-    assert list(keep_out) == [4, 1, 2] and list(keep_in) == [0, 3]
+    keep_in, keep_out = _slice_of(big[[1, 2, 4]][:, [0, 3]], big, "c")
+    assert list(keep_out) == [1, 2, 4] and list(keep_in) == [0, 3]
     lin = torch.randn(7, 9)
-    keep_in, keep_out = _slice_of(lin[[6, 0]][:, [8, 2, 5]], lin, "fc")
-    assert list(keep_out) == [6, 0] and list(keep_in) == [8, 2, 5]
-    trained = big[[4, 1, 2]][:, [0, 3]] + 1e-3  # changed after pruning: not a slice any more
+    keep_in, keep_out = _slice_of(lin[[0, 6]][:, [2, 5, 8]], lin, "fc")
+    assert list(keep_out) == [0, 6] and list(keep_in) == [2, 5, 8]
+    # many equal values (low-precision pretrained weights repeat): still an exact, ordered slice
+    coarse = (torch.randn(40, 16) * 8).round()
+    small = coarse[[3, 8, 9, 20, 31]][:, [0, 2, 3, 5, 6, 8, 9, 11, 13, 15]]
+    keep_in, keep_out = _slice_of(small, coarse, "q")
+    assert torch.equal(coarse[torch.as_tensor(keep_out)][:, torch.as_tensor(keep_in)], small)
+    trained = big[[1, 2, 4]][:, [0, 3]] + 1e-3  # changed after pruning: not a slice any more
     with pytest.raises(InputError, match=r"layer 'c'.*not an exact slice"):
         _slice_of(trained, big, "c")
+    with pytest.raises(InputError, match=r"not an exact slice.*shapes"):
+        _slice_of(big, big[:3], "c")
 
 
 def test_a_torch_pruning_copy_is_reconstructed_from_its_weights() -> None:
