@@ -131,12 +131,12 @@ def _primary(recipe: h.Recipe, task: str) -> str:
 
 
 def _stages(route: torch.nn.Module, recipe: h.Recipe, task: str, study: Study, seed: int,
-            finetune: bool, surgeon: rs.Surgeon | None = None) -> dict[str, dict[str, float]]:
+            finetune: bool, surgeon: rs.Surgeon) -> dict[str, dict[str, float]]:
     cfg = run_config(study)
     ft_cfg = replace(cfg, max_batches=study.finetune_steps, lr=study.finetune_lr or cfg.lr)
     test = h.Batches(recipe.test, 256, False)
     out = {"exported": h.evaluate(route, test, recipe, tasks=[task])}
-    if study.reconstruct and surgeon is not None:  # least squares on the same batches, then BN
+    if study.reconstruct:  # least squares on the same batches, then BN
         fitted = rs.reconstruct(copy.deepcopy(route), surgeon, h.Batches(
             recipe.train, study.batch_size, True, seed + 7), batches=study.recal_batches)
         out["reconstructed"] = h.evaluate(fitted, test, recipe, tasks=[task])

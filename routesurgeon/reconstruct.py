@@ -99,14 +99,11 @@ def _slice_of(small: torch.Tensor, big: torch.Tensor, path: str) -> tuple[np.nda
         raise refuse("shapes")
     # each kernel slice as an id (equal slices, equal ids); pruning keeps the survivors' order,
     # so the kept rows and columns are increasing: match them as subsequences, greedily
-    ids: dict[bytes, int] = {}
-
-    def as_ids(t: torch.Tensor) -> np.ndarray:
-        a = t.detach().reshape(t.shape[0], t.shape[1], -1).cpu().numpy()
-        return np.array([[ids.setdefault(a[r, i].tobytes(), len(ids)) for i in range(a.shape[1])]
-                         for r in range(a.shape[0])], dtype=np.int64)
-
-    b2, s2 = as_ids(big), as_ids(small)
+    a, b = (t.detach().reshape(t.shape[0] * t.shape[1], -1).cpu().numpy() for t in (big, small))
+    _, inv = np.unique(np.concatenate([a, b]), axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    b2 = inv[:len(a)].reshape(big.shape[0], big.shape[1])
+    s2 = inv[len(a):].reshape(small.shape[0], small.shape[1])
 
     def holds(row: np.ndarray, sub: np.ndarray) -> bool:  # sub is a subsequence of row
         k = 0
@@ -145,11 +142,11 @@ def _copy_targets(pruned: nn.Module, surgeon: Surgeon) -> list[tuple[str, np.nda
     the full model's, with the kept channels read off the weights."""
     full = surgeon.traced.eval_graph
     order = ([str(n.target) for n in pruned.graph.nodes if n.op == "call_module"]
-             if isinstance(pruned, fx.GraphModule) else [p for p, _ in pruned.named_modules()])
+             if isinstance(pruned, fx.GraphModule) else [p for p, _ in pruned.named_modules()][1:])
     out = []
     for path in dict.fromkeys(order):  # graph order: each layer is fitted after those before it
         m = pruned.get_submodule(path)
-        if not path or not _fittable(m):
+        if not _fittable(m):
             continue
         try:
             theirs = full.get_submodule(path)
