@@ -17,24 +17,28 @@ each rank's share (no SyncBatchNorm on CPU); the header of ``results.md`` says s
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import platform
-import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from harness_cli import chosen_preset, recipe_parser  # noqa: F401
+from harness_data import (
+    Batches,
+    evaluate,
+    higher_better,
+    outputs_by_task,
+    seed_all,
+    train_batches,
+)
 
 # re-exported: the recipes use them as harness.X
 from harness_dist import (
-    Sharded,
     _scratch_dir,
     average_buffers,
     average_gradients,
@@ -44,13 +48,13 @@ from harness_dist import (
     replicate,
 )
 from harness_metrics import Metric, abs_err, accuracy, angle_err, delta_m, miou, mse, pixel_acc  # noqa: F401
+from harness_routes import count_flops, export_routes, finetune_route, latency_ms  # noqa: F401
 from harness_tables import _ms, markdown, routes_markdown, summarise  # noqa: F401
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import routesurgeon as rs
 from routesurgeon import distributed as rsdist
-from routesurgeon import report
 
 # -- configuration --------------------------------------------------------------------------------
 
@@ -110,101 +114,8 @@ class Recipe:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# -- metrics: harness_metrics; torchrun: harness_dist; tables: harness_tables
-
-def train_batches(recipe: Recipe, cfg: RunConfig, seed: int) -> Iterable[Any]:
-    """The training batches of one run: the global batches, or this rank's shares of them."""
-    batches = Batches(recipe.train, cfg.batch_size, True, seed, cfg.max_batches)
-    return Sharded(batches) if rsdist.is_distributed() else batches
-
-
-
-# -- data -----------------------------------------------------------------------------------------
-
-
-class Batches:
-    """Seeded, re-iterable mini-batches of a dataset with a ``batch(indices)`` method."""
-
-    def __init__(self, dataset: Any, batch_size: int, shuffle: bool, seed: int = 0,
-                 max_batches: int | None = None) -> None:
-        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
-        self.gen = torch.Generator().manual_seed(seed)
-        self.max_batches = max_batches
-
-    def __len__(self) -> int:
-        n = math.ceil(len(self.dataset) / self.batch_size)
-        return min(n, self.max_batches) if self.max_batches else n
-
-    def __iter__(self) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
-        for b in range(len(self)):
-            yield self.dataset.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def outputs_by_task(out: Any, tasks: Sequence[str]) -> dict[str, Tensor]:
-    """Name a model's outputs: dicts by key, tuples by ``tasks`` order; a lone tensor (an
-    exported route) is the output of ``tasks[0]``."""
-    if isinstance(out, Mapping):
-        return dict(out)
-    if isinstance(out, (tuple, list)) and len(out) > 1:
-        return dict(zip(tasks, out))
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return {tasks[0]: out}
-
-
-@torch.no_grad()
-def evaluate(model: Callable[..., Any], loader: Batches, recipe: Recipe,
-             tasks: Sequence[str] | None = None) -> dict[str, float]:
-    """``{task/metric: value}`` of ``model`` (eval mode) over ``loader``.
-
-    Under torchrun each rank evaluates its part of every batch and the metric sums are
-    all-reduced: every rank returns the numbers of the whole test set."""
-    names = list(recipe.task_names or recipe.tasks)
-    chosen = list(tasks or recipe.tasks)
-    if isinstance(model, nn.Module):
-        was = model.training
-        model.eval()
-    sums: dict[str, np.ndarray] = {}
-    world, rank = rsdist.world_size(), rsdist.rank()
-    for x, ys in loader:
-        counted = True
-        if len(x) >= world:  # this rank's part of the batch (the parts may differ by one)
-            x, ys = x.tensor_split(world)[rank], {t: y.tensor_split(world)[rank]
-                                                   for t, y in ys.items()}
-        else:  # too small to split: every rank runs it, rank 0 counts it
-            counted = rank == 0
-        outs = model(x)
-        several = isinstance(outs, (tuple, list)) and len(outs) > 1
-        outs = outputs_by_task(outs, names if several else chosen)
-        for t in chosen:
-            for m in recipe.tasks[t].metrics:
-                key = f"{t}/{m.name}"
-                s = m.stats(outs[t], ys[t])
-                s = s if counted else np.zeros_like(s)
-                sums[key] = sums[key] + s if key in sums else s
-    if isinstance(model, nn.Module):
-        model.train(was)
-    if world > 1:  # the metric sums of the whole test set, the same on every rank
-        keys = sorted(sums)
-        flat = torch.from_numpy(np.concatenate([np.asarray(sums[k], np.float64).ravel()
-                                                for k in keys]))
-        dist.all_reduce(flat)
-        parts = np.split(flat.numpy(), np.cumsum([sums[k].size for k in keys])[:-1])
-        sums = {k: v.reshape(np.shape(sums[k])) for k, v in zip(keys, parts, strict=True)}
-    return {k: next(m for m in recipe.tasks[k.split("/")[0]].metrics
-                    if m.name == k.split("/", 1)[1]).finish(v) for k, v in sums.items()}
-
-
-def higher_better(recipe: Recipe) -> dict[str, bool]:
-    return {f"{t}/{m.name}": m.higher_is_better for t, s in recipe.tasks.items() for m in s.metrics}
+# -- metrics: harness_metrics; data and evaluation: harness_data; torchrun: harness_dist;
+# -- routes: harness_routes; tables: harness_tables; command line: harness_cli
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -273,77 +184,6 @@ def default_methods() -> list[str]:
     """What a recipe trains when ``RunConfig.methods`` is None: every registered method, then
     the harness entries."""
     return [*rs.available_methods(), *harness_entries()]
-
-
-# -- routes ---------------------------------------------------------------------------------------
-
-
-def count_flops(module: Callable[..., Any], x: Tensor) -> int:
-    return report.count_flops(module, (x,))  # type: ignore[arg-type]
-
-
-def latency_ms(module: Callable[..., Any], x: Tensor, repeats: int = 10) -> float:
-    return report.measure_latency({"m": module}, (x,), repeats, warmup=1)["m"]  # type: ignore[dict-item]
-
-
-def finetune_route(route: nn.Module, recipe: Recipe, task: str, cfg: RunConfig, seed: int) -> None:
-    """Fine-tune an exported route on its own task loss for ``cfg.finetune_epochs``."""
-    optimizer = torch.optim.Adam(route.parameters(), lr=cfg.lr)
-    train = train_batches(recipe, cfg, seed + 1)
-    replicate(route)
-    for _ in range(cfg.finetune_epochs):
-        route.train()
-        for x, ys in train:
-            optimizer.zero_grad(set_to_none=True)
-            out = outputs_by_task(route(x), [task])[task]
-            recipe.tasks[task].loss(out, ys[task]).backward()
-            average_gradients(route)
-            optimizer.step()
-        average_buffers(route)
-    route.eval()
-
-
-def export_routes(surgeon: rs.Surgeon, recipe: Recipe, cfg: RunConfig, seed: int,
-                  tasks: Sequence[str] | None = None, keep: float | None = None
-                  ) -> dict[str, dict[str, Any]]:
-    """Export each task's route; measure params, FLOPs, latency, and the task metric of the full
-    network, of the route, and of the route after fine-tuning."""
-    keep = cfg.route_keep if keep is None else keep
-    surgeon.eval()
-    scores = surgeon.route_scores()
-    # the package's default criterion once importance is learned (docs/results.md, route quality)
-    routes = surgeon.export_routes(keep=keep, scores=None if scores else "magnitude",
-                                   tasks=list(tasks or recipe.tasks))
-    x = surgeon.example_inputs()[0][:1]  # FLOPs per image
-    bench = next(iter(Batches(recipe.test, 64, False)))[0]
-    full_params = sum(p.numel() for p in surgeon.model_parameters())
-    full_flops = count_flops(surgeon.eval(), x)
-    full_lat = latency_ms(surgeon, bench)
-    test = Batches(recipe.test, 256, False)
-    full_metrics = evaluate(surgeon, test, recipe)
-    out: dict[str, dict[str, Any]] = {}
-    for t, route in routes.items():
-        before = evaluate(route, test, recipe, tasks=[t])
-        recal: dict[str, Any] = {}
-        if cfg.recalibrate_batches > 0:
-            batches = train_batches(recipe, cfg, seed + 2)
-            if cfg.reconstruct:  # least squares on the batches, then their BN statistics
-                rs.reconstruct(route, surgeon, batches, cfg.recalibrate_batches)
-            else:
-                rs.recalibrate(route, batches, cfg.recalibrate_batches)
-            key = "metric_reconstructed" if cfg.reconstruct else "metric_recalibrated"
-            recal = {key: evaluate(route, test, recipe, tasks=[t])}
-        finetune_route(route, recipe, t, cfg, seed)
-        after = evaluate(route, test, recipe, tasks=[t])
-        out[t] = {
-            "keep": keep, "scores": route.meta["routesurgeon"].scores,
-            "params": sum(p.numel() for p in route.parameters()), "full_params": full_params,
-            "flops": count_flops(route, x), "full_flops": full_flops,
-            "latency_ms": latency_ms(route, bench), "full_latency_ms": full_lat,
-            "metric_full": {k: v for k, v in full_metrics.items() if k.startswith(f"{t}/")},
-            "metric_route": before, "metric_finetuned": after, **recal,
-        }
-    return out
 
 
 # -- output directory and report ------------------------------------------------------------------
@@ -469,39 +309,6 @@ def _pictures(surgeon: rs.Surgeon, out: Path) -> None:
     if surgeon.route_scores():
         save_heatmap(surgeon, out / "importance.png")
 
-
-# -- command line shared by the recipes ---------------------------------------------------------
-
-
-def recipe_parser(doc: str | None, out: str, presets: Iterable[str],
-                  quick_help: str = "the CI-sized run (preset quick)") -> argparse.ArgumentParser:
-    """The options every recipe takes; a recipe adds its own before parsing."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default=out)
-    p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--preset", choices=sorted(presets), default="default")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--methods", nargs="+")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--recalibrate-batches", type=int, help="re-estimate each exported route's "
-                   "BN statistics on this many training batches (rs.recalibrate)")
-    p.add_argument("--reconstruct", action="store_true", default=None,
-                   help="with --recalibrate-batches: first re-fit each route's layers whose "
-                   "inputs were cut to the full model on those batches (rs.reconstruct)")
-    return p
-
-
-def chosen_preset(presets: Mapping[str, Any], args: argparse.Namespace) -> Any:
-    """The preset ``--quick`` / ``--preset`` name, with ``--seeds/--methods/--epochs/--threads``
-    applied to its ``run`` config."""
-    cfg = presets["quick" if args.quick else args.preset]
-    run = cfg.run
-    for key in ("seeds", "methods", "epochs", "threads", "recalibrate_batches", "reconstruct"):
-        v = getattr(args, key, None)
-        if v is not None:
-            run = replace(run, **{key: tuple(v) if isinstance(v, list) else v})
-    return replace(cfg, run=run)
 
 
 def run_and_print(recipe: Recipe, cfg: RunConfig, out: str | Path) -> dict[str, Any]:
