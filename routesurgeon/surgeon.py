@@ -264,7 +264,7 @@ class Surgeon(nn.Module):
         With ``union=True``: one GraphModule returning ``{task: output}`` for ``tasks`` (default
         all), keeping a channel if any of their routes keeps it (see ``routesurgeon.export``;
         ``options``: ``select``, ``budget_flops``, ``budget_params``, ``calibration``,
-        ``calibration_batches``, ``reconstruct``).
+        ``calibration_batches``, ``reconstruct``, ``losses``, ``score_batches``).
         """
         return export_routes(self, keep=keep, threshold=threshold, scores=scores, tasks=tasks,
                              verify_inputs=verify_inputs, tol=tol, union=union, **options)

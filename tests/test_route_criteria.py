@@ -201,3 +201,19 @@ def test_default_criterion_is_the_learned_importance_magnitude(trained: rs.Surge
                                                            scores="raw-importance").pruned)
     route = trained.export_routes(keep=0.5, tasks=["a"])["a"]
     assert route.meta["routesurgeon"].scores == "raw-importance"
+
+
+def test_export_routes_computes_a_data_criterion_from_calibration(trained: rs.Surgeon) -> None:
+    calib = batches(32, 16)
+    routes = trained.export_routes(scores="taylor", budget_flops=0.5, calibration=calib,
+                                   losses=LOSSES, score_batches=2, reconstruct=False)
+    by_hand = criterion_scores(trained, "taylor", calib, LOSSES, batches=2)
+    for t, route in routes.items():
+        info = route.meta["routesurgeon"]
+        assert info.scores == "taylor" and info.error <= 1e-5
+        want = trained.route_masks(t, scores=by_hand, budget_flops=0.5).pruned
+        assert np.array_equal(info.mask.pruned, want)
+    with pytest.raises(InputError, match=r"computed from data: pass calibration=.* and losses="):
+        trained.export_routes(scores="snip", budget_flops=0.5, calibration=calib)
+    with pytest.raises(InputError, match="scores here are already given"):
+        trained.export_routes(scores=by_hand, budget_flops=0.5, calibration=calib, losses=LOSSES)
