@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
 import harness as h  # noqa: E402
+from route_quality_tables import load, paired_table, table, task_table  # noqa: E402
 
 import routesurgeon as rs  # noqa: E402
 from routesurgeon.budgets import cost_model  # noqa: E402
@@ -265,100 +265,6 @@ def diagnose(study: Study, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- summaries ------------------------------------------------------------------------------------
-
-
-def load(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    rows = []
-    for p in paths:
-        rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return rows
-
-
-def _ms(v: Sequence[float]) -> str:
-    if not v:
-        return "–"
-    if len(v) == 1:
-        return f"{v[0]:.3f}"
-    return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}"
-
-
-def relative(r: dict[str, Any], stage: str) -> float:
-    """The route's metric over the full model's (for a lower-is-better metric: full / route)."""
-    m = r["metric"]
-    full, got = r["full"][m], r[stage][m]
-    lower = m.split("/", 1)[1] in ("mse", "abs_err", "angle_deg")
-    return full / got if lower else got / full
-
-
-#: a row's stages, in order, with their column titles
-STAGES = {"exported": "exported", "recalibrated": "recalibrated",
-          "reconstructed": "reconstructed (lsq + BN)", "finetuned": "fine-tuned",
-          "reconstructed_finetuned": "reconstructed, fine-tuned"}
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    """Per recipe and budget: per variant, the mean over tasks of route/full metric per stage
-    (mean ± std over seeds), and the actual kept FLOPs fraction."""
-    lines = []
-    for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        rr = [r for r in rows if r["recipe"] == recipe]
-        seeds = sorted({r["seed"] for r in rr})
-        tasks = list(dict.fromkeys(r["task"] for r in rr))
-        stages = [st for st in STAGES if any(st in r for r in rr)]
-        lines += [f"#### {recipe}: route metric / full model metric, mean over tasks {tasks} "
-                  f"(mean ± std over seeds {seeds})", "",
-                  "| budget | variant | kept FLOPs | " + " | ".join(STAGES[st] for st in stages)
-                  + " |", "|---|---|---|" + "---|" * len(stages)]
-        for b in sorted({r["budget"] for r in rr}):
-            variants = list(dict.fromkeys(r["variant"] for r in rr if r["budget"] == b))
-            scored = []
-            for v in variants:
-                cells = []
-                for stage in stages:
-                    per_seed = []
-                    for s in seeds:
-                        sel = [r for r in rr if r["budget"] == b and r["variant"] == v
-                               and r["seed"] == s and stage in r]
-                        if len(sel) == len(tasks):
-                            per_seed.append(statistics.mean(relative(r, stage) for r in sel))
-                    cells.append(per_seed)
-                frac = [r["flops_fraction"] for r in rr if r["budget"] == b and r["variant"] == v]
-                scored.append((v, statistics.mean(frac), cells))
-            ft = stages.index("finetuned") if "finetuned" in stages else -1
-            key = ft if ft >= 0 and all(c[ft] for _, _, c in scored) else 1
-            for v, frac, cells in sorted(scored, key=lambda x: -statistics.mean(x[2][key] or [0])):
-                lines.append(f"| {b} | {v} | {frac:.3f} | " + " | ".join(_ms(c) for c in cells)
-                             + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def task_table(rows: list[dict[str, Any]], budget: float = 0.5) -> str:
-    """Per recipe at ``budget``: per variant and task, route/full metric recalibrated and
-    fine-tuned (mean ± std over seeds)."""
-    lines = []
-    for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        rr = [r for r in rows if r["recipe"] == recipe and r["budget"] == budget]
-        tasks = list(dict.fromkeys(r["task"] for r in rr))
-        if not rr:
-            continue
-        stages = [st for st in ("recalibrated", "reconstructed", "finetuned",
-                                "reconstructed_finetuned") if any(st in r for r in rr)]
-        lines += [f"#### {recipe} at {budget} of the FLOPs: per task, route/full metric "
-                  f"{' / '.join(STAGES[st] for st in stages)} (mean ± std over seeds)", "",
-                  "| variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-        for v in dict.fromkeys(r["variant"] for r in rr):
-            cells = []
-            for t in tasks:
-                sel = [r for r in rr if r["variant"] == v and r["task"] == t]
-                cells.append(" / ".join(_ms([relative(r, st) for r in sel if st in r])
-                                        for st in stages))
-            lines.append(f"| {v} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def curve(rows: list[dict[str, Any]], path: Path, stage: str = "recalibrated") -> Path:
     """PNG: per recipe, route/full metric against kept FLOPs, one line per variant."""
     from routesurgeon.viz.quality import save_quality_curve
@@ -418,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     if a.summarise:
         rows = load(a.summarise)
-        text = table(rows) + "\n" + task_table(rows)
+        text = table(rows) + "\n" + task_table(rows) + "\n" + paired_table(rows)
         print(text)
         if a.md:
             a.md.write_text(text)

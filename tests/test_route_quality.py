@@ -106,3 +106,27 @@ def test_harness_recalibrates_exported_routes(net, x) -> None:
     assert "metric_recalibrated" not in fitted["a"]
     assert 0.0 <= fitted["a"]["metric_reconstructed"]["a/acc"] <= 1.0
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())  # nothing moved
+
+
+def test_paired_table_against_the_default() -> None:
+    from route_quality_tables import paired_table, per_seed
+
+    def row(variant: str, seed: int, task: str, got: float) -> dict:
+        return {"recipe": "r", "budget": 0.5, "variant": variant, "seed": seed, "task": task,
+                "metric": f"{task}/acc", "full": {f"{task}/acc": 0.5},
+                "reconstructed": {f"{task}/acc": got}}
+
+    rows = []
+    for s, base in enumerate([0.40, 0.45, 0.42, 0.47]):
+        for t in ("x", "y"):
+            rows += [row("raw-importance", s, t, base), row("taylor", s, t, base + 0.05),
+                     row("noisy", s, t, base + (0.05 if s % 2 else -0.05))]
+    rows.append(row("partial", 0, "x", 0.5))  # a seed without every task counts for nothing
+    assert per_seed(rows, "r", "partial", "reconstructed") == {}
+    assert per_seed(rows, "r", "taylor", "reconstructed")[1] == pytest.approx(1.0)
+    text = paired_table(rows, stages=("reconstructed",))
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in text.splitlines() if ln.startswith("|")}
+    assert "| taylor | 4 | 0.970 | +0.100 | ± 0.000 | 0.000 |" in lines["taylor"]
+    assert "| noisy | 4 | 0.870 | +0.000 |" in lines["noisy"] and "1.000 |" in lines["noisy"]
+    assert "partial" not in lines and lines["raw-importance"].endswith("| – | – | – |")
+    assert list(lines)[2:5] == ["taylor", "noisy", "raw-importance"]  # sorted by mean
