@@ -262,6 +262,47 @@ def diagnose(study: Study, out: Path) -> str:
             means = [float(r.mean()) for _, r in pairs]
             lines.append(f"| {study.recipe} | {seed} | {t} | {len(pairs)} | "
                          f"{np.median(rho):.2f} | {max(means) / min(means):.0f} |")
+    return "\n".join(lines) + "\n\n" + movement(study, out)
+
+
+def movement(study: Study, out: Path) -> str:
+    """Per cached model and task: how far training moved the learned |A_t| from its
+    initialisation (the filter norms of the untrained model), and how the default criterion's
+    group ranking agrees with magnitude's and Taylor's (Spearman over the groups it ranks)."""
+    import numpy as np
+
+    from routesurgeon.criteria import raw_importance_table
+    from routesurgeon.routes import _candidates
+
+    recipe = make_recipe(study)
+    lines = ["| recipe | seed | task | median rank corr. abs A_t (trained, init) | median "
+             "relative change of abs A_t | rank corr. of the groups: raw-importance vs magnitude"
+             " | vs taylor |", "|---|---|---|---|---|---|---|"]
+    for seed in study.seeds:
+        cache = out.with_name(f"{out.stem}-{study.recipe}-seed{seed}.pt")
+        if not cache.exists():
+            continue
+        surgeon = trained_surgeon(recipe, study, seed, cache)
+        h.seed_all(seed)
+        model0, example = recipe.build(seed)  # the same initialisation the training started from
+        init = raw_importance_table(rs.instrument(model0, example,
+                                                  tasks=list(recipe.task_names or recipe.tasks)))
+        raw = raw_importance_table(surgeon)
+        loader = h.Batches(recipe.train, study.batch_size, True, seed + 3)
+        g = {name: criterion_scores(surgeon, name, loader, h.loss_fns(recipe),
+                                    batches=study.score_batches)
+             for name in ("raw-importance", "magnitude", "taylor")}
+        n = surgeon.channel_groups.n_groups
+        for t in surgeon.tasks:
+            pairs = [(raw[k][t].numpy(), init[k][t].numpy()) for k in raw if t in raw[k]]
+            rho = [_spearman(a, a0) for a, a0 in pairs]
+            change = [float(np.linalg.norm(a - a0) / max(np.linalg.norm(a0), 1e-12))
+                      for a, a0 in pairs]
+            cand = _candidates(surgeon, t)[0]
+            r, m, ty = (g[c].of(t, n)[cand] for c in ("raw-importance", "magnitude", "taylor"))
+            lines.append(f"| {study.recipe} | {seed} | {t} | {np.median(rho):.2f} | "
+                         f"{np.median(change):.3f} | {_spearman(r, m):.2f} | "
+                         f"{_spearman(r, ty):.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,9 @@ from routesurgeon.viz.quality import quality_points, quality_svg  # noqa: E402
 
 
 @pytest.mark.slow
-def test_quick_route_quality_runs_resumes_and_summarises(tmp_path: Path) -> None:
+def test_quick_route_quality_runs_resumes_and_summarises(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
     out = tmp_path / "rq.jsonl"
     args = ["--quick", "--out", str(out), "--variants", "learned", "disparse", "tp-magnitude",
             "--tasks", "left", "--n-test", "32"]
@@ -39,6 +41,15 @@ def test_quick_route_quality_runs_resumes_and_summarises(tmp_path: Path) -> None
     pts = quality_points(rows, "finetuned")["multifashion"]
     assert set(pts) == {"learned", "disparse", "tp-magnitude"}
     assert "<svg" in quality_svg(rows)
+    capsys.readouterr()
+    rq.main(["--quick", "--out", str(out), "--diagnose"])  # from the cached model
+    rows_of = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines()
+               if ln.startswith("| multifashion | 0 |")]
+    moved = [r for r in rows_of if len(r) == 7]  # the movement table: one row per task
+    assert [r[2] for r in moved] == ["left", "right"]
+    for r in moved:
+        rho_init, change, vs_mag, vs_taylor = (float(v.strip(" |")) for v in r[3:])
+        assert -1 <= rho_init <= 1 and change >= 0 and -1 <= vs_mag <= 1 and -1 <= vs_taylor <= 1
 
 
 @pytest.mark.slow
