@@ -265,10 +265,40 @@ def diagnose(study: Study, out: Path) -> str:
     return "\n".join(lines) + "\n\n" + movement(study, out)
 
 
+def _layer_candidates(surgeon: rs.Surgeon, candidate: Any) -> list[Any]:
+    """The candidate groups of each layer's output, as ``select="layer"`` ranks them."""
+    import numpy as np
+
+    g = surgeon.channel_groups
+    out = []
+    for info in g.layers.values():
+        if info["kind"] != "norm":
+            labels = g.labels[info["out"]]
+            cand = np.unique(labels[candidate[labels]])
+            if len(cand) > 1:
+                out.append(cand)
+    return out
+
+
+def _agreement(layers: list[Any], a: Any, b: Any) -> str:
+    """Median over layers of the rank correlation of two criteria's group scores, and the mean
+    fraction of the top half (what a 0.5 keep per layer keeps) that both keep."""
+    import numpy as np
+
+    rho, shared = [], []
+    for cand in layers:
+        k = max(1, len(cand) // 2)
+        top_a = set(cand[np.argsort(-a[cand], kind="stable")[:k]])
+        top_b = set(cand[np.argsort(-b[cand], kind="stable")[:k]])
+        rho.append(_spearman(a[cand], b[cand]))
+        shared.append(len(top_a & top_b) / k)
+    return f"{np.median(rho):.2f} / {np.mean(shared):.2f}"
+
+
 def movement(study: Study, out: Path) -> str:
     """Per cached model and task: how far training moved the learned |A_t| from its
     initialisation (the filter norms of the untrained model), and how the default criterion's
-    group ranking agrees with magnitude's and Taylor's (Spearman over the groups it ranks)."""
+    ranking agrees with magnitude's and Taylor's within each layer (``select="layer"``)."""
     import numpy as np
 
     from routesurgeon.criteria import raw_importance_table
@@ -276,8 +306,9 @@ def movement(study: Study, out: Path) -> str:
 
     recipe = make_recipe(study)
     lines = ["| recipe | seed | task | median rank corr. abs A_t (trained, init) | median "
-             "relative change of abs A_t | rank corr. of the groups: raw-importance vs magnitude"
-             " | vs taylor |", "|---|---|---|---|---|---|---|"]
+             "relative change of abs A_t | raw-importance vs magnitude: median rank corr. in a "
+             "layer / top half shared | vs taylor: rank corr. / top half shared |",
+             "|---|---|---|---|---|---|---|"]
     for seed in study.seeds:
         cache = out.with_name(f"{out.stem}-{study.recipe}-seed{seed}.pt")
         if not cache.exists():
@@ -298,11 +329,11 @@ def movement(study: Study, out: Path) -> str:
             rho = [_spearman(a, a0) for a, a0 in pairs]
             change = [float(np.linalg.norm(a - a0) / max(np.linalg.norm(a0), 1e-12))
                       for a, a0 in pairs]
-            cand = _candidates(surgeon, t)[0]
-            r, m, ty = (g[c].of(t, n)[cand] for c in ("raw-importance", "magnitude", "taylor"))
+            r, m, ty = (g[c].of(t, n) for c in ("raw-importance", "magnitude", "taylor"))
+            layers = _layer_candidates(surgeon, _candidates(surgeon, t)[0])
             lines.append(f"| {study.recipe} | {seed} | {t} | {np.median(rho):.2f} | "
-                         f"{np.median(change):.3f} | {_spearman(r, m):.2f} | "
-                         f"{_spearman(r, ty):.2f} |")
+                         f"{np.median(change):.3f} | {_agreement(layers, r, m)} | "
+                         f"{_agreement(layers, r, ty)} |")
     return "\n".join(lines) + "\n"
 
 
