@@ -21,6 +21,9 @@ are named by a string in ``scores=``; those that need batches and task losses ar
 * ``disparse``: ``snip`` scores with DiSparse's arbitration for shared filters: a route keeps a
   shared group if any task sharing it keeps it at the same level.
 * ``random``: seeded uniform scores (the floor every criterion should beat).
+* ``tp-taylor`` / ``tp-magnitude`` (``export_routes`` only, with ``budget_flops``): torch-pruning's
+  ``GroupTaylorImportance`` / ``GroupMagnitudeImportance`` prunes a per-task copy iteratively to
+  the budget, and the channels it keeps become the route (``tp_anchor.mask_of_copy``).
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ from routesurgeon.tracing import mode
 if TYPE_CHECKING:
     from routesurgeon.surgeon import Surgeon
 
-__all__ = ["CRITERIA", "DATA_CRITERIA", "DEFAULT_CRITERION", "GroupScores", "criterion_scores",
-           "param_reach"]
+__all__ = ["CRITERIA", "DATA_CRITERIA", "DEFAULT_CRITERION", "TP_CRITERIA", "GroupScores",
+           "criterion_scores", "param_reach"]
 
 CRITERIA = ("learned", "raw-importance", "magnitude", "group-magnitude", "taylor", "snip",
             "disparse", "random")
 DATA_CRITERIA = ("taylor", "snip", "disparse")
+#: torch-pruning's importance on a per-task copy, mapped back onto a route (``export_routes``)
+TP_CRITERIA = ("tp-taylor", "tp-magnitude")
 ALIASES = {"importance": "learned"}
 #: What ``scores=None`` selects by: the learned ``|A_t|``. In the route-quality study
 #: (docs/results.md) it kept more accuracy after BN recalibration than the dominance on
@@ -82,6 +87,10 @@ class GroupScores:
 def canonical(name: str) -> str:
     """The criterion ``name`` stands for; an unknown name lists the available ones."""
     name = ALIASES.get(name, name)
+    if name in TP_CRITERIA:
+        raise InputError(f"{name!r} selects a route's channels with torch-pruning, not by group "
+                         "scores: pass it to export_routes(scores=..., budget_flops=..., "
+                         "calibration=..., losses=...)")
     if name not in CRITERIA:
         raise InputError(f"unknown criterion {name!r}; available: {list(CRITERIA)} (or a dict "
                          "{layer: {task: per-filter scores}}, or criterion_scores(...))")

@@ -20,6 +20,7 @@ import torch.fx as fx
 from routesurgeon.criteria import (
     DATA_CRITERIA,
     DEFAULT_CRITERION,
+    TP_CRITERIA,
     GroupScores,
     canonical,
     criterion_scores,
@@ -152,6 +153,7 @@ def export_routes(
     reconstruct: bool | None = None,
     losses: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
     score_batches: int = 4,
+    tp_steps: int = 50,
 ) -> dict[str, fx.GraphModule] | fx.GraphModule:
     """Per task a pruned, verified route; with ``union=True`` one graph serving all ``tasks``.
 
@@ -169,7 +171,10 @@ def export_routes(
     ``losses`` (``{task: loss(output, target)}``) with labelled ``calibration`` batches
     (``(inputs, {task: target})``) lets ``scores`` name a criterion that needs data
     (``"taylor"``, ``"snip"``, ``"disparse"``): it is computed on ``score_batches`` of them
-    (``routesurgeon.criterion_scores``).
+    (``routesurgeon.criterion_scores``). ``scores="tp-taylor"`` / ``"tp-magnitude"`` with
+    ``budget_flops``: torch-pruning prunes each task's copy to the budget in ``tp_steps``
+    iterative steps (Taylor: gradients of ``losses[task]`` on ``calibration`` batches) and the
+    route keeps exactly the channels it kept (``routesurgeon.tp_anchor``), verified like any.
     """
     scores = _data_scores(surgeon, scores, calibration, losses, score_batches)
     if reconstruct is None:
@@ -190,7 +195,11 @@ def export_routes(
     if not chosen:
         raise InputError("export_routes(tasks=[]) asks for no task; pass at least one task name")
     inputs = list(verify_inputs) if verify_inputs is not None else surgeon.example_inputs()
-    masks = {t: route_mask(surgeon, t, keep, threshold, scores, **sel) for t in chosen}
+    if isinstance(scores, str) and scores in TP_CRITERIA:
+        masks = _tp_masks(surgeon, chosen, scores, budget_flops, calibration, losses, tp_steps,
+                          keep, threshold, budget_params)
+    else:
+        masks = {t: route_mask(surgeon, t, keep, threshold, scores, **sel) for t in chosen}
     if union:
         mask = union_mask(surgeon, [masks[t] for t in chosen])
         route = prune_graph(surgeon, mask)
@@ -211,7 +220,7 @@ def export_routes(
 def _data_scores(surgeon: Surgeon, scores: Any, calibration: Iterable[Any] | None,
                  losses: Mapping[str, Any] | None, batches: int) -> Any:
     """``scores`` naming a data criterion, computed on ``calibration`` with ``losses``."""
-    name = canonical(scores) if isinstance(scores, str) else None
+    name = canonical(scores) if isinstance(scores, str) and scores not in TP_CRITERIA else None
     if name not in DATA_CRITERIA:
         if losses is not None and not isinstance(scores, str) and scores is not None:
             raise InputError("losses= is used to compute a data criterion named by scores= "
@@ -222,6 +231,28 @@ def _data_scores(surgeon: Surgeon, scores: Any, calibration: Iterable[Any] | Non
                          "(inputs, {task: target}) batches> and losses={task: loss(output, "
                          "target)}, or scores=routesurgeon.criterion_scores(...)")
     return criterion_scores(surgeon, name, calibration, losses, batches=batches)
+
+
+def _tp_masks(surgeon: Surgeon, tasks: Sequence[str], scores: str, budget_flops: float | None,
+              calibration: Iterable[Any] | None, losses: Mapping[str, Any] | None, steps: int,
+              keep: float | None, threshold: float | None, budget_params: float | None
+              ) -> dict[str, RouteMask]:
+    """Per task, the mask of torch-pruning's copy pruned to ``budget_flops``."""
+    from routesurgeon.tp_anchor import mask_of_copy, torch_pruning_route
+
+    if budget_flops is None or threshold is not None or budget_params is not None:
+        raise InputError(f"scores={scores!r} prunes to a FLOPs budget: pass budget_flops= (and "
+                         "no threshold or budget_params)")
+    importance = scores[3:]
+    if importance == "taylor" and (calibration is None or losses is None):
+        raise InputError(f"scores={scores!r} needs calibration=<loader of (inputs, {{task: "
+                         "target}) batches> and losses={task: loss(output, target)}")
+    missing = [t for t in tasks if losses is not None and t not in losses]
+    if importance == "taylor" and missing:
+        raise TaskError(f"losses has no loss for tasks {missing}")
+    return {t: mask_of_copy(surgeon, t, torch_pruning_route(
+        surgeon, t, budget_flops, importance, calibration,
+        losses[t] if losses is not None and t in losses else None, steps=steps)) for t in tasks}
 
 
 def _calibrated(route: fx.GraphModule, loader: Iterable[Any] | None, batches: int,

@@ -14,20 +14,22 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
 from routesurgeon.errors import InputError
 from routesurgeon.report import count_flops
-from routesurgeon.routes import layer_name
+from routesurgeon.routes import RouteMask, layer_name
 
 if TYPE_CHECKING:
     from routesurgeon.surgeon import Surgeon
 
-__all__ = ["TP_IMPORTANCES", "task_copy", "torch_pruning_route", "torch_pruning_routes"]
+__all__ = ["TP_IMPORTANCES", "mask_of_copy", "task_copy", "torch_pruning_route",
+           "torch_pruning_routes"]
 
 TP_IMPORTANCES = ("magnitude", "taylor")
 
@@ -133,3 +135,51 @@ def torch_pruning_routes(
                          f"after {steps} steps to ratio {max_ratio}; budget_flops={targets} "
                          "is below what it prunes")
     return out
+
+
+def mask_of_copy(surgeon: Surgeon, task: str, pruned: nn.Module) -> RouteMask:
+    """The route mask of ``task`` that keeps exactly the channels a pruned copy kept.
+
+    The kept output channels of each conv / linear are read off the copy's weights (an exact
+    ordered slice of the full model's, ``reconstruct._slice_of``) and mapped onto the surgeon's
+    coupled channel groups; a group kept in one layer and dropped in another, or a layer the copy
+    prunes that the surgeon has no groups for, is refused (``InputError``): the copy was not
+    pruned along the couplings the surgeon knows. ``export_routes(scores="tp-taylor", ...)``
+    exports such a mask through the verified path.
+    """
+    from routesurgeon.reconstruct import _fittable, _slice_of
+    from routesurgeon.routes import _mask
+
+    groups = surgeon.channel_groups
+    base = surgeon.route_masks(task, keep=1.0).pruned  # what the task never reaches
+    kept = np.zeros(groups.n_groups, bool)
+    dropped = np.zeros(groups.n_groups, bool)
+    by_path = {str(n.target): info for n, info in groups.layers.items()
+               if n.op == "call_module" and info["kind"] != "norm"}
+    full = surgeon.traced.eval_graph
+    for path, m in pruned.named_modules():
+        if not path or not _fittable(m):
+            continue
+        info = by_path.get(path)
+        w, big = cast(torch.Tensor, m.weight), cast(torch.Tensor, full.get_submodule(path).weight)
+        if info is None:
+            if w.shape != big.shape:
+                raise InputError(f"layer {path!r} was pruned in the copy but routesurgeon has no "
+                                 "channel groups for it: it cannot be a route")
+            continue
+        _, keep_out = _slice_of(w, big, path)
+        labels = groups.labels[info["out"]]
+        here = np.zeros(len(labels), bool)
+        here[keep_out] = True
+        kept[labels[here]] = True
+        dropped[labels[~here]] = True
+    clash = np.flatnonzero(kept & dropped)
+    if len(clash):
+        raise InputError(f"the pruned copy keeps channel group {int(clash[0])} in one layer and "
+                         "drops it in another: it was not pruned along the couplings "
+                         "routesurgeon traced")
+    cand = ~groups.fixed & ~base
+    if (dropped & ~cand).any():
+        raise InputError("the pruned copy drops channels routesurgeon treats as unprunable for "
+                         f"task {task!r} (fixed or output channels)")
+    return _mask(surgeon, task, base | dropped)

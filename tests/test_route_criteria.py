@@ -217,3 +217,43 @@ def test_export_routes_computes_a_data_criterion_from_calibration(trained: rs.Su
         trained.export_routes(scores="snip", budget_flops=0.5, calibration=calib)
     with pytest.raises(InputError, match="scores here are already given"):
         trained.export_routes(scores=by_hand, budget_flops=0.5, calibration=calib, losses=LOSSES)
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_a_torch_pruning_selection_exports_as_a_verified_route(trained: rs.Surgeon,
+                                                                importance: str) -> None:
+    from routesurgeon.export import prune_graph
+    from routesurgeon.tp_anchor import mask_of_copy
+
+    calib = batches(32, 8)
+    routes = trained.export_routes(scores=f"tp-{importance}", budget_flops=0.5,
+                                   calibration=calib, losses=LOSSES, tp_steps=20,
+                                   calibration_batches=2)  # re-fitted, as recommended
+    x = torch.randn(4, 3, 16, 16)
+    for t, route in routes.items():
+        info = route.meta["routesurgeon"]
+        assert info.scores == f"tp-{importance}" and info.error <= 1e-5
+        assert info.budget == ("flops", 0.5)
+        tp_copy = torch_pruning_route(trained, t, 0.5, importance, calib, LOSSES[t], steps=20)
+        assert np.array_equal(info.mask.pruned, mask_of_copy(trained, t, tp_copy).pruned)
+        assert count_params(route) == count_params(tp_copy)
+        with torch.no_grad():  # the mask's route computes exactly what torch-pruning's copy does
+            assert torch.allclose(prune_graph(trained, info.mask)(x), tp_copy(x), atol=1e-6)
+
+
+def test_torch_pruning_selection_errors(trained: rs.Surgeon, net: nn.Module,
+                                        x: torch.Tensor) -> None:
+    with pytest.raises(InputError, match="prunes to a FLOPs budget: pass budget_flops="):
+        trained.export_routes(scores="tp-magnitude", keep=0.5)
+    with pytest.raises(InputError, match=r"'tp-taylor' needs calibration=.*losses="):
+        trained.export_routes(scores="tp-taylor", budget_flops=0.5)
+    with pytest.raises(InputError, match="selects a route's channels with torch-pruning"):
+        trained.route_masks("a", scores="tp-taylor")
+    from routesurgeon.tp_anchor import mask_of_copy
+
+    s = rs.instrument(net, x)
+    tampered = torch_pruning_route(s, "a", 0.6, "magnitude", steps=12)
+    with torch.no_grad():
+        tampered.c2.weight.mul_(1.5)  # trained after pruning: no longer a slice of the model
+    with pytest.raises(InputError, match="is not an exact slice"):
+        mask_of_copy(s, "a", tampered)
