@@ -265,21 +265,6 @@ def diagnose(study: Study, out: Path) -> str:
     return "\n".join(lines) + "\n\n" + movement(study, out)
 
 
-def _layer_candidates(surgeon: rs.Surgeon, candidate: Any) -> list[Any]:
-    """The candidate groups of each layer's output, as ``select="layer"`` ranks them."""
-    import numpy as np
-
-    g = surgeon.channel_groups
-    out = []
-    for info in g.layers.values():
-        if info["kind"] != "norm":
-            labels = g.labels[info["out"]]
-            cand = np.unique(labels[candidate[labels]])
-            if len(cand) > 1:
-                out.append(cand)
-    return out
-
-
 def _agreement(layers: list[Any], a: Any, b: Any) -> str:
     """Median over layers of the rank correlation of two criteria's group scores, and the mean
     fraction of the top half (what a 0.5 keep per layer keeps) that both keep."""
@@ -302,7 +287,7 @@ def movement(study: Study, out: Path) -> str:
     import numpy as np
 
     from routesurgeon.criteria import raw_importance_table
-    from routesurgeon.routes import _candidates
+    from routesurgeon.routes import _selector
 
     recipe = make_recipe(study)
     lines = ["| recipe | seed | task | median rank corr. abs A_t (trained, init) | median "
@@ -330,7 +315,9 @@ def movement(study: Study, out: Path) -> str:
             change = [float(np.linalg.norm(a - a0) / max(np.linalg.norm(a0), 1e-12))
                       for a, a0 in pairs]
             r, m, ty = (g[c].of(t, n) for c in ("raw-importance", "magnitude", "taylor"))
-            layers = _layer_candidates(surgeon, _candidates(surgeon, t)[0])
+            # each layer's candidate groups, as select="layer" ranks them
+            layers = [c for c in _selector(surgeon, t, g["raw-importance"], "layer").layer_cands
+                      if len(c) > 1]
             lines.append(f"| {study.recipe} | {seed} | {t} | {np.median(rho):.2f} | "
                          f"{np.median(change):.3f} | {_agreement(layers, r, m)} | "
                          f"{_agreement(layers, r, ty)} |")

@@ -145,7 +145,7 @@ def paired_table(rows: list[dict[str, Any]], reference: str = "raw-importance",
                 spread = float(d.std(ddof=1))
                 if spread > 1e-12:
                     half = float(stats.t.ppf(0.975, len(d) - 1)) * spread / np.sqrt(len(d))
-                    p = float(stats.ttest_rel(d, np.zeros_like(d)).pvalue)
+                    p = float(stats.ttest_1samp(d, 0.0).pvalue)  # = the paired t-test
                 else:  # the same difference on every seed
                     half, p = 0.0, (0.0 if abs(d.mean()) > 1e-12 else float("nan"))
                 found.append((float(np.mean([mine[s] for s in common])), v, len(common),

@@ -197,7 +197,7 @@ def export_routes(
     inputs = list(verify_inputs) if verify_inputs is not None else surgeon.example_inputs()
     if isinstance(scores, str) and scores in TP_CRITERIA:
         masks = _tp_masks(surgeon, chosen, scores, budget_flops, calibration, losses, tp_steps,
-                          keep, threshold, budget_params)
+                          threshold, budget_params)
     else:
         masks = {t: route_mask(surgeon, t, keep, threshold, scores, **sel) for t in chosen}
     if union:
@@ -220,11 +220,14 @@ def export_routes(
 def _data_scores(surgeon: Surgeon, scores: Any, calibration: Iterable[Any] | None,
                  losses: Mapping[str, Any] | None, batches: int) -> Any:
     """``scores`` naming a data criterion, computed on ``calibration`` with ``losses``."""
-    name = canonical(scores) if isinstance(scores, str) and scores not in TP_CRITERIA else None
+    if isinstance(scores, str) and scores in TP_CRITERIA:
+        return scores  # torch-pruning selects (``_tp_masks``)
+    name = canonical(scores) if isinstance(scores, str) else None
     if name not in DATA_CRITERIA:
-        if losses is not None and not isinstance(scores, str) and scores is not None:
-            raise InputError("losses= is used to compute a data criterion named by scores= "
-                             f"({list(DATA_CRITERIA)}); scores here are already given")
+        if losses is not None:  # it would be ignored
+            raise InputError("losses= is used to compute a criterion named by scores= "
+                             f"({[*DATA_CRITERIA, *TP_CRITERIA]}); scores here are already given "
+                             "or need no data")
         return scores
     if calibration is None or losses is None:
         raise InputError(f"scores={scores!r} is computed from data: pass calibration=<loader of "
@@ -235,7 +238,7 @@ def _data_scores(surgeon: Surgeon, scores: Any, calibration: Iterable[Any] | Non
 
 def _tp_masks(surgeon: Surgeon, tasks: Sequence[str], scores: str, budget_flops: float | None,
               calibration: Iterable[Any] | None, losses: Mapping[str, Any] | None, steps: int,
-              keep: float | None, threshold: float | None, budget_params: float | None
+              threshold: float | None, budget_params: float | None
               ) -> dict[str, RouteMask]:
     """Per task, the mask of torch-pruning's copy pruned to ``budget_flops``."""
     from routesurgeon.tp_anchor import mask_of_copy, torch_pruning_route

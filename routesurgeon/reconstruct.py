@@ -137,9 +137,9 @@ def _slice_of(small: torch.Tensor, big: torch.Tensor, path: str) -> tuple[np.nda
     return ii, oi
 
 
-def _copy_targets(pruned: nn.Module, surgeon: Surgeon) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """``_targets`` for a copy pruned elsewhere: its fittable layers narrower in their inputs than
-    the full model's, with the kept channels read off the weights."""
+def kept_channels(pruned: nn.Module, surgeon: Surgeon) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(path, kept in, kept out)`` of every fittable layer of a copy pruned elsewhere whose
+    weight differs in shape from the full model's, read off the weights, in graph order."""
     full = surgeon.traced.eval_graph
     order = ([str(n.target) for n in pruned.graph.nodes if n.op == "call_module"]
              if isinstance(pruned, fx.GraphModule) else [p for p, _ in pruned.named_modules()][1:])
@@ -152,14 +152,20 @@ def _copy_targets(pruned: nn.Module, surgeon: Surgeon) -> list[tuple[str, np.nda
             theirs = full.get_submodule(path)
         except AttributeError as e:
             raise InputError(f"module {path!r} of the pruned copy is not in the surgeon's model: "
-                             f"reconstruct copies whose modules keep the model's names") from e
+                             f"only copies whose modules keep the model's names can be read") from e
         mine_w = cast(torch.Tensor, m.weight)
         full_w = cast(torch.Tensor, theirs.weight)
-        if mine_w.shape[1] == full_w.shape[1]:
-            continue
-        keep_in, keep_out = _slice_of(mine_w, full_w, path)
-        out.append((path, keep_in, keep_out))
+        if mine_w.shape != full_w.shape:
+            out.append((path, *_slice_of(mine_w, full_w, path)))
     return out
+
+
+def _copy_targets(pruned: nn.Module, surgeon: Surgeon) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``_targets`` for a copy pruned elsewhere: its fittable layers narrower in their inputs than
+    the full model's."""
+    full = surgeon.traced.eval_graph
+    return [(path, keep_in, keep_out) for path, keep_in, keep_out in kept_channels(pruned, surgeon)
+            if len(keep_in) < cast(torch.Tensor, full.get_submodule(path).weight).shape[1]]
 
 
 def _rows(m: nn.Module, x: torch.Tensor, y: torch.Tensor, keep_out: np.ndarray, limit: int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -147,7 +147,7 @@ def mask_of_copy(surgeon: Surgeon, task: str, pruned: nn.Module) -> RouteMask:
     pruned along the couplings the surgeon knows. ``export_routes(scores="tp-taylor", ...)``
     exports such a mask through the verified path.
     """
-    from routesurgeon.reconstruct import _fittable, _slice_of
+    from routesurgeon.reconstruct import kept_channels
     from routesurgeon.routes import _mask
 
     groups = surgeon.channel_groups
@@ -156,19 +156,11 @@ def mask_of_copy(surgeon: Surgeon, task: str, pruned: nn.Module) -> RouteMask:
     dropped = np.zeros(groups.n_groups, bool)
     by_path = {str(n.target): info for n, info in groups.layers.items()
                if n.op == "call_module" and info["kind"] != "norm"}
-    full = surgeon.traced.eval_graph
-    for path, m in pruned.named_modules():
-        if not path or not _fittable(m):
-            continue
-        info = by_path.get(path)
-        w, big = cast(torch.Tensor, m.weight), cast(torch.Tensor, full.get_submodule(path).weight)
-        if info is None:
-            if w.shape != big.shape:
-                raise InputError(f"layer {path!r} was pruned in the copy but routesurgeon has no "
-                                 "channel groups for it: it cannot be a route")
-            continue
-        _, keep_out = _slice_of(w, big, path)
-        labels = groups.labels[info["out"]]
+    for path, _, keep_out in kept_channels(pruned, surgeon):
+        if path not in by_path:
+            raise InputError(f"layer {path!r} was pruned in the copy but routesurgeon has no "
+                             "channel groups for it: it cannot be a route")
+        labels = groups.labels[by_path[path]["out"]]
         here = np.zeros(len(labels), bool)
         here[keep_out] = True
         kept[labels[here]] = True
