@@ -3,7 +3,8 @@
 Per study and budget: every method's test accuracy per task and averaged over tasks, and Δm
 against the single-task nets of the same seed, as mean ± the half-width of the 95 % confidence
 interval (Student t over seeds); the best baseline (chosen on the *validation* split); a paired
-t-test and a Wilcoxon signed-rank test over seeds of each method against it; and
+t-test and a Wilcoxon signed-rank test over seeds of each method against it, with the t-test p
+Holm-adjusted over every comparison of the table (the family a reader scans); and
 time-to-accuracy (CPU seconds and passes until the validation accuracy, measured after every
 epoch, first reaches a target), with a PNG of the curves.
 
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["best_baseline", "budget_view", "ci95", "load", "paired_tests", "study_markdown",
-           "time_to_accuracy"]
+__all__ = ["best_baseline", "budget_view", "ci95", "holm", "load", "paired_tests",
+           "study_markdown", "time_to_accuracy"]
+
 
 def is_baseline(method: str) -> bool:
     """Everything but drmgf, drmgf-step (and its options), the single-task nets and the
@@ -66,6 +68,19 @@ def paired_tests(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     t_p = float(stats.ttest_rel(a, b).pvalue) if len(d) > 1 else math.nan
     w_p = float(stats.wilcoxon(a, b).pvalue) if len(d) > 1 and np.any(d != 0) else math.nan
     return {"diff": mean, "half": half, "t_p": t_p, "wilcoxon_p": w_p, "n": len(d)}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` (family-wise error; nan stays nan and is not
+    counted): the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j))."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    m = len(idx)
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
 
 
 def _epoch_at(rec: Mapping[str, Any], budget: str, epochs: int, passes: float | None
@@ -180,9 +195,10 @@ def study_markdown(records: Sequence[Mapping[str, Any]], study: str, budget: str
     tasks = sorted({k for per in view.values() for e in per.values() for k in e["test"]})
     head = ["method", "seeds", *[f"{k} %" for k in tasks], "mean acc %", "Δm % ↓",
             "CPU s / run", "passes", f"vs {best or 'best baseline'}: Δ mean acc (pts)",
-            "t-test p", "Wilcoxon p"]
+            "t-test p", "Holm p", "Wilcoxon p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = []
+    t_ps: list[float] = []
     for m, per in view.items():
         seeds = sorted(per)
         accs = [_mean_acc(per[s]["test"]) for s in seeds]
@@ -202,11 +218,16 @@ def study_markdown(records: Sequence[Mapping[str, Any]], study: str, budget: str
         if best and m != best and not m.startswith("single:") and not same and len(common) >= 2:
             p = paired_tests([_mean_acc(per[s]["test"]) for s in common],
                              [_mean_acc(view[best][s]["test"]) for s in common])
-            cells += [_fmt(p["diff"], p["half"], 100), f"{p['t_p']:.3f}",
+            cells += [_fmt(p["diff"], p["half"], 100), f"{p['t_p']:.3f}", "",
                       f"{p['wilcoxon_p']:.3f}" if not math.isnan(p["wilcoxon_p"]) else "–"]
+            t_ps.append(p["t_p"])
         else:
-            cells += ["–", "–", "–"]
+            cells += ["–", "–", "–", "–"]
+            t_ps.append(math.nan)
         rows.append((own is not None, -float(np.mean(accs)) if own is None else 0.0, cells))
+    for (_, _, cells), adj in zip(rows, holm(t_ps)):
+        if not math.isnan(adj):
+            cells[-2] = f"{adj:.3f}"
     for _, _, cells in sorted(rows, key=lambda r: (not r[0], r[1])):
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -110,6 +110,14 @@ def test_ci_and_paired_tests_match_scipy() -> None:
     assert math.isnan(tb.paired_tests(x, x)["wilcoxon_p"])
 
 
+def test_holm_step_down() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4x, 3x, 2x, 1x, made monotone: 0.02, 0.03, 0.06, 0.06
+    assert tb.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    out = tb.holm([0.01, math.nan, 0.5])  # nan is not counted in the family
+    assert out[0] == pytest.approx(0.02) and math.isnan(out[1]) and out[2] == pytest.approx(0.5)
+    assert tb.holm([0.6, 0.7]) == [1.0, 1.0]
+
+
 def _record(method: str, seed: int, val: float, test: float, epochs: int = 2,
             passes: int = 1, tasks: tuple[str, ...] = ("left", "right")) -> dict:
     eps = []
@@ -150,7 +158,11 @@ def test_tables_from_a_small_jsonl(tmp_path: Path) -> None:
     assert cells[4] == f"{100 * m:.2f} ± {100 * half:.2f}"
     assert cells[5].startswith(f"{-(0.67 - 0.5) / 0.5 * 100:.2f}")  # Δm vs single-task nets
     p = tb.paired_tests([0.65, 0.67, 0.69], [0.60, 0.61, 0.62])
-    assert cells[-2] == f"{p['t_p']:.3f}" and cells[-3].startswith(f"{100 * p['diff']:.2f}")
+    assert cells[-3] == f"{p['t_p']:.3f}" and cells[-4].startswith(f"{100 * p['diff']:.2f}")
+    # Holm over the table's comparisons: never below the raw p, one per compared row
+    assert float(cells[-2]) >= float(cells[-3])
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in table.splitlines()[2:]]
+    assert sum(r[-2] != "–" for r in rows) == sum(r[-3] != "–" for r in rows) >= 3
     # at the matched budget drmgf's 6 passes: the 1-pass methods have no run that long here
     assert set(tb.budget_view(records, "s", "matched")) == {"drmgf"}
     tta = tb.time_to_accuracy(records, "s", 0.72)  # on validation
