@@ -39,7 +39,7 @@ from route_quality_tables import load, paired_table, table, task_table  # noqa: 
 import routesurgeon as rs  # noqa: E402
 from routesurgeon.budgets import cost_model  # noqa: E402
 from routesurgeon.criteria import DATA_CRITERIA, criterion_scores  # noqa: E402
-from routesurgeon.tp_anchor import torch_pruning_routes  # noqa: E402
+from routesurgeon.tp_anchor import TP_STEPS, torch_pruning_routes  # noqa: E402
 
 #: variant name -> (criterion or "tp-<importance>", select)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -76,7 +76,7 @@ class Study:
     score_batches: int = 8
     finetune_steps: int = 32
     finetune_lr: float | None = None  # default: the training lr (1e-3; O-Net 1e-4)
-    tp_steps: int = 100
+    tp_steps: int = TP_STEPS
     tasks: tuple[str, ...] | None = None  # default: every task of the recipe
     reconstruct: bool = False  # also measure rs.reconstruct (least squares, then BN)
 

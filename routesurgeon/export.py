@@ -29,6 +29,7 @@ from routesurgeon.errors import ExportError, InputError, TaskError
 from routesurgeon.routes import RouteInfo, RouteMask, route_mask, union_mask
 from routesurgeon.slicing import prune_graph, route_cuts
 from routesurgeon.subgraph import _build, _keep, _rank, _route_outputs, outputs_graph, task_graph
+from routesurgeon.tp_anchor import TP_STEPS
 
 if TYPE_CHECKING:
     from routesurgeon.surgeon import Surgeon
@@ -153,7 +154,7 @@ def export_routes(
     reconstruct: bool | None = None,
     losses: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
     score_batches: int = 4,
-    tp_steps: int = 50,
+    tp_steps: int = TP_STEPS,
 ) -> dict[str, fx.GraphModule] | fx.GraphModule:
     """Per task a pruned, verified route; with ``union=True`` one graph serving all ``tasks``.
 

@@ -59,6 +59,9 @@ def _output_layers(surgeon: Surgeon, route: nn.Module) -> list[nn.Module]:
     return found
 
 
+TP_STEPS = 50  # the iterative steps the route-quality study measured (docs/results.md)
+
+
 def torch_pruning_route(
     surgeon: Surgeon,
     task: str,
@@ -66,7 +69,7 @@ def torch_pruning_route(
     importance: str = "magnitude",
     loader: Iterable[Any] | None = None,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
-    steps: int = 60,
+    steps: int = TP_STEPS,
     max_ratio: float = 0.95,
 ) -> nn.Module:
     """A torch-pruning copy of ``task``'s sub-network with at most ``budget_flops`` of its FLOPs.
@@ -86,7 +89,7 @@ def torch_pruning_routes(
     importance: str = "magnitude",
     loader: Iterable[Any] | None = None,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
-    steps: int = 60,
+    steps: int = TP_STEPS,
     max_ratio: float = 0.95,
 ) -> dict[float, nn.Module]:
     """``torch_pruning_route`` for several budgets in one pruning run: a copy is taken at the
