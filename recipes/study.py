@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
-import os
 import platform
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h
 import study_data as sd
+from study_records import append_record, claim, load_records
 
 import routesurgeon as rs
 
@@ -157,55 +156,6 @@ def target_epochs(method: str, study: Study, phase: str) -> int:
 
 
 # -- records ------------------------------------------------------------------------------------
-
-
-def load_records(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """The last record of every (study, method, seed) in ``path`` (a later line supersedes)."""
-    out: dict[tuple[str, str, int], dict[str, Any]] = {}
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out[(r["study"], r["method"], int(r["seed"]))] = r
-    return out
-
-
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def claim(out: Path, key: str) -> Iterator[bool]:
-    """A lock file for one run: True if this process holds it (a dead holder's is taken)."""
-    lock = out / "locks" / f"{key.replace('/', '_').replace(':', '_')}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    if lock.exists():
-        try:
-            os.kill(int(lock.read_text() or 0), 0)
-            yield False
-            return
-        except (ProcessLookupError, ValueError):
-            lock.unlink(missing_ok=True)
-        except PermissionError:
-            yield False
-            return
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        yield False
-        return
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
-        yield True
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def pending(study: Study, records: dict[tuple[str, str, int], dict[str, Any]],

@@ -18,7 +18,6 @@ budget (its first ``epochs`` epochs are the epoch run).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from study_records import load_records
 
 __all__ = ["best_baseline", "budget_view", "ci95", "holm", "load", "paired_tests",
            "study_markdown", "time_to_accuracy"]
@@ -40,13 +40,7 @@ def is_baseline(method: str) -> bool:
 
 def load(paths: Iterable[Path]) -> list[dict[str, Any]]:
     """The last record of every (study, method, seed) over ``paths`` (later files win)."""
-    out: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for p in paths:
-        for line in Path(p).read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                out[(r["study"], r["method"], int(r["seed"]))] = r
-    return list(out.values())
+    return list(load_records(*paths).values())
 
 
 def ci95(values: Sequence[float]) -> tuple[float, float]:
