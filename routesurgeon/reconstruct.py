@@ -193,16 +193,34 @@ def _rows(m: nn.Module, x: torch.Tensor, y: torch.Tensor, keep_out: np.ndarray, 
     return xs.double(), ys.double()
 
 
+class _Captured(Exception):
+    """Raised by ``_capture``'s hook to stop a forward once the module of interest has run."""
+
+
+def _runs_once(model: nn.Module, path: str) -> bool:
+    """Whether ``model``'s graph calls module ``path`` exactly once (False when not a graph)."""
+    return isinstance(model, fx.GraphModule) and sum(
+        n.op == "call_module" and str(n.target) == path for n in model.graph.nodes) == 1
+
+
 def _capture(model: nn.Module, path: str, inputs: list[Any], want: str) -> torch.Tensor:
-    """The input (``want="in"``) or output of ``model``'s module ``path`` on ``inputs``."""
+    """The input (``want="in"``) or output of ``model``'s module ``path`` on ``inputs``.
+
+    When the graph calls the module once, the forward stops right after it (the rest of the
+    network is not run); otherwise the whole forward runs and a second call is refused."""
     got: list[torch.Tensor] = []
+    stop = _runs_once(model, path)
 
     def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         got.append((args[0] if want == "in" else out).detach())
+        if stop:
+            raise _Captured
 
     handle = model.get_submodule(path).register_forward_hook(hook)
     try:
         model(*inputs)
+    except _Captured:
+        pass
     finally:
         handle.remove()
     if len(got) != 1:

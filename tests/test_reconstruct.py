@@ -173,3 +173,26 @@ def test_a_torch_pruning_copy_is_reconstructed_from_its_weights() -> None:
         tampered.c2.weight.add_(0.01)
     with pytest.raises(InputError, match=r"layer 'c2'.*not an exact slice"):
         rs.reconstruct(tampered, s, _batches())
+
+
+def test_stopping_each_capture_after_its_layer_fits_the_same_weights(monkeypatch) -> None:
+    """The forwards that read a layer's input / output stop right after that layer; the re-fit
+    must be the one a full forward gives, and the rest of the network must really not run."""
+    import importlib
+
+    rc = importlib.import_module("routesurgeon.reconstruct")  # the package exports the function
+
+    net = _Net()
+    s = rs.instrument(net, torch.randn(2, 3, 8, 8))
+    route = s.export_routes(keep=0.5, scores="magnitude", tasks=["a"])["a"]
+    heads: list[int] = []  # the other task's head, after every layer re-fitted (c2, ha)
+    s.traced.eval_graph.get_submodule("hb").register_forward_hook(lambda *_: heads.append(1))
+    early = rs.reconstruct(copy.deepcopy(route), s, _batches(), batches=4,
+                           recalibrate_after=False)
+    assert not heads  # no capture ran the full model past its layer
+    monkeypatch.setattr(rc, "_runs_once", lambda *_: False)
+    whole = rs.reconstruct(copy.deepcopy(route), s, _batches(), batches=4,
+                           recalibrate_after=False)
+    assert heads  # the whole forward runs the heads
+    for (name, a), (_, b) in zip(early.state_dict().items(), whole.state_dict().items()):
+        assert torch.equal(a, b), name
