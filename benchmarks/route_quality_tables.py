@@ -4,6 +4,7 @@ criterion (the decision of docs/results.md)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections.abc import Sequence
@@ -120,13 +121,14 @@ def per_seed(rows: list[dict[str, Any]], recipe: str, variant: str, stage: str,
 
 def paired_table(rows: list[dict[str, Any]], reference: str = "raw-importance",
                  stages: Sequence[str] = ("reconstructed", "reconstructed_finetuned"),
-                 budget: float = 0.5) -> str:
-    """Per recipe and stage, every variant against ``reference`` paired over the seeds both have:
-    mean difference of route/full metric (mean over tasks), its 95 % CI half-width (Student t)
-    and the paired t-test p."""
+                 budgets: Sequence[float] | None = None) -> str:
+    """Per recipe, budget (default: every budget in ``rows``) and stage, every variant against
+    ``reference`` paired over the seeds both have: mean difference of route/full metric (mean
+    over tasks), its 95 % CI half-width (Student t) and the paired t-test p."""
     lines = []
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        for stage in stages:
+        mine_b = sorted({float(r["budget"]) for r in rows if r["recipe"] == recipe})
+        for budget, stage in itertools.product(mine_b if budgets is None else budgets, stages):
             ref = per_seed(rows, recipe, reference, stage, budget)
             if len(ref) < 2:
                 continue

@@ -144,3 +144,9 @@ def test_paired_table_against_the_default() -> None:
     assert "| noisy | 4 | 0.870 | +0.000 |" in lines["noisy"] and "1.000 |" in lines["noisy"]
     assert "partial" not in lines and lines["raw-importance"].endswith("| – | – | – |")
     assert list(lines)[2:5] == ["taylor", "noisy", "raw-importance"]  # sorted by mean
+    # every budget in the rows gets its own table, or only those asked for
+    rows += [dict(r, budget=0.25) for r in rows if r["variant"] in ("raw-importance", "taylor")]
+    both = paired_table(rows, stages=("reconstructed",))
+    assert "at 0.25 of the FLOPs" in both and "at 0.5 of the FLOPs" in both
+    assert both.index("at 0.25 of") < both.index("at 0.5 of")
+    assert "at 0.25 of" not in paired_table(rows, stages=("reconstructed",), budgets=[0.5])
