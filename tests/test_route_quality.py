@@ -150,3 +150,23 @@ def test_paired_table_against_the_default() -> None:
     assert "at 0.25 of the FLOPs" in both and "at 0.5 of the FLOPs" in both
     assert both.index("at 0.25 of") < both.index("at 0.5 of")
     assert "at 0.25 of" not in paired_table(rows, stages=("reconstructed",), budgets=[0.5])
+
+
+def test_why_summary_pairs_criteria_over_seeds_with_fine_tune_repeats(tmp_path: Path) -> None:
+    import route_quality_why as why
+
+    rows = []
+    for s in range(3):
+        for t in ("x", "y"):
+            rows += [{"seed": s, "task": t, "variant": "raw-importance", "lsq": 0.9,
+                      "lsq_ft": [0.9, 0.8, 1.0], "refit_growth_max": 4.0},
+                     {"seed": s, "task": t, "variant": "group-magnitude", "lsq": 0.9 + 0.01 * s,
+                      "lsq_ft": [1.0, 1.0, 1.0], "refit_growth_max": 3.0}]
+    path = tmp_path / "why.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = why.summary(path)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| raw-importance"))
+    # first order 0.9, mean of orders 0.9, spread sd 0.1, worst 0.8, growth 4
+    assert row == "| raw-importance | 0.900 | 0.900 | 0.900 | 0.100 | 0.800 | 4.00 |"
+    assert "re-fitted, per seed: +0.000, +0.010, +0.020; mean +0.010" in text
+    assert "fine-tuned (mean of orders), per seed: +0.100, +0.100, +0.100; mean +0.100" in text
