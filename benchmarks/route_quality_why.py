@@ -37,6 +37,7 @@ import harness as h
 import route_quality as rq
 
 import routesurgeon as rs
+from routesurgeon.criteria import DATA_CRITERIA, criterion_scores
 
 
 def measure(a: argparse.Namespace) -> None:
@@ -51,11 +52,16 @@ def measure(a: argparse.Namespace) -> None:
         if not cache.exists():
             raise SystemExit(f"no cached model {cache}: run benchmarks/route_quality.py first")
         surgeon = rq.trained_surgeon(recipe, study, seed, cache)
+        # data criteria scored as route_quality.py scores them (same batches, same seed)
+        loader = h.Batches(recipe.train, study.batch_size, True, seed + 3)
+        scores = {v: (criterion_scores(surgeon, v, loader, h.loss_fns(recipe),
+                                       batches=a.score_batches, seed=seed)
+                      if v in DATA_CRITERIA or v == "random" else v) for v in a.variants}
         for t in recipe.tasks:
             key = rq._primary(recipe, t)
             full = h.evaluate(surgeon, test, recipe, tasks=[t])[key]
             for v in a.variants:
-                route = surgeon.export_routes(scores=v, budget_flops=a.budget, tasks=[t])[t]
+                route = surgeon.export_routes(scores=scores[v], budget_flops=a.budget, tasks=[t])[t]
                 fitted = rs.reconstruct(copy.deepcopy(route), surgeon, h.Batches(
                     recipe.train, study.batch_size, True, seed + 7), batches=study.recal_batches)
                 with torch.no_grad():
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--finetune-steps", type=int, default=24)
     p.add_argument("--finetune-lr", type=float)
+    p.add_argument("--score-batches", type=int, default=4)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.summary:
