@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> float:
 
     def fit(early: bool) -> tuple[float, torch.nn.Module]:
         r = copy.deepcopy(route)
-        with mock.patch.object(rc, "_runs_once", rc._runs_once if early else lambda *_: False):
+        with mock.patch.object(rc, "_called_once", rc._called_once if early else lambda *_: set()):
             t0 = time.perf_counter()
             rs.reconstruct(r, surgeon, data, batches=a.batches, recalibrate_after=False)
             return time.perf_counter() - t0, r

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -197,19 +198,20 @@ class _Captured(Exception):
     """Raised by ``_capture``'s hook to stop a forward once the module of interest has run."""
 
 
-def _runs_once(model: nn.Module, path: str) -> bool:
-    """Whether ``model``'s graph calls module ``path`` exactly once (False when not a graph)."""
-    return isinstance(model, fx.GraphModule) and sum(
-        n.op == "call_module" and str(n.target) == path for n in model.graph.nodes) == 1
+def _called_once(model: nn.Module) -> set[str]:
+    """The module paths ``model``'s graph calls exactly once (none when it is not a graph)."""
+    if not isinstance(model, fx.GraphModule):
+        return set()
+    calls = Counter(str(n.target) for n in model.graph.nodes if n.op == "call_module")
+    return {path for path, n in calls.items() if n == 1}
 
 
-def _capture(model: nn.Module, path: str, inputs: list[Any], want: str) -> torch.Tensor:
+def _capture(model: nn.Module, path: str, inputs: list[Any], want: str, stop: bool) -> torch.Tensor:
     """The input (``want="in"``) or output of ``model``'s module ``path`` on ``inputs``.
 
-    When the graph calls the module once, the forward stops right after it (the rest of the
-    network is not run); otherwise the whole forward runs and a second call is refused."""
+    With ``stop`` (the graph calls the module once) the forward stops right after it (the rest
+    of the network is not run); otherwise the whole forward runs and a second call is refused."""
     got: list[torch.Tensor] = []
-    stop = _runs_once(model, path)
 
     def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         got.append((args[0] if want == "in" else out).detach())
@@ -272,6 +274,7 @@ def reconstruct(route: nn.Module, surgeon: Surgeon, loader: Iterable[Any], batch
     route.eval()
     full.eval()
     gen = torch.Generator().manual_seed(seed)
+    once_route, once_full = _called_once(route), _called_once(full)
     try:
         for path, _keep_in, keep_out in targets:
             mine = route.get_submodule(path)
@@ -281,8 +284,8 @@ def reconstruct(route: nn.Module, surgeon: Surgeon, loader: Iterable[Any], batch
             xtx: torch.Tensor | None = None
             xty: torch.Tensor | None = None
             for inputs in data:
-                x = _capture(route, path, inputs, "in")
-                y = _capture(full, path, inputs, "out")
+                x = _capture(route, path, inputs, "in", path in once_route)
+                y = _capture(full, path, inputs, "out", path in once_full)
                 xs, ys = _rows(mine, x, y, keep_out, rows_per_batch, gen)
                 a, b = xs.T @ xs, xs.T @ ys
                 xtx = a if xtx is None else xtx + a

@@ -190,7 +190,7 @@ def test_stopping_each_capture_after_its_layer_fits_the_same_weights(monkeypatch
     early = rs.reconstruct(copy.deepcopy(route), s, _batches(), batches=4,
                            recalibrate_after=False)
     assert not heads  # no capture ran the full model past its layer
-    monkeypatch.setattr(rc, "_runs_once", lambda *_: False)
+    monkeypatch.setattr(rc, "_called_once", lambda *_: set())
     whole = rs.reconstruct(copy.deepcopy(route), s, _batches(), batches=4,
                            recalibrate_after=False)
     assert heads  # the whole forward runs the heads
