@@ -130,6 +130,23 @@ def _primary(recipe: h.Recipe, task: str) -> str:
     return f"{task}/{recipe.tasks[task].metrics[0].name}"
 
 
+def scores_of(surgeon: rs.Surgeon, crit: str, recipe: h.Recipe, study: Study, seed: int) -> Any:
+    """What ``export_routes(scores=...)`` gets for criterion ``crit``: a data criterion computed
+    on ``study.score_batches`` training batches of the seed's order, else the name itself."""
+    if crit not in DATA_CRITERIA and crit != "random":
+        return crit
+    loader = h.Batches(recipe.train, study.batch_size, True, seed + 3)
+    return criterion_scores(surgeon, crit, loader, h.loss_fns(recipe),
+                            batches=study.score_batches, seed=seed)
+
+
+def refit(route: torch.nn.Module, surgeon: rs.Surgeon, recipe: h.Recipe, study: Study,
+          seed: int) -> torch.nn.Module:
+    """A re-fitted copy of ``route`` (least squares, then BN) on the seed's calibration batches."""
+    return rs.reconstruct(copy.deepcopy(route), surgeon, h.Batches(
+        recipe.train, study.batch_size, True, seed + 7), batches=study.recal_batches)
+
+
 def _stages(route: torch.nn.Module, recipe: h.Recipe, task: str, study: Study, seed: int,
             finetune: bool, surgeon: rs.Surgeon) -> dict[str, dict[str, float]]:
     cfg = run_config(study)
@@ -137,8 +154,7 @@ def _stages(route: torch.nn.Module, recipe: h.Recipe, task: str, study: Study, s
     test = h.Batches(recipe.test, 256, False)
     out = {"exported": h.evaluate(route, test, recipe, tasks=[task])}
     if study.reconstruct:  # least squares on the same batches, then BN
-        fitted = rs.reconstruct(copy.deepcopy(route), surgeon, h.Batches(
-            recipe.train, study.batch_size, True, seed + 7), batches=study.recal_batches)
+        fitted = refit(route, surgeon, recipe, study, seed)
         out["reconstructed"] = h.evaluate(fitted, test, recipe, tasks=[task])
         if finetune:  # the same fine-tuning budget, from the reconstructed route
             h.finetune_route(fitted, recipe, task, ft_cfg, seed)
@@ -179,7 +195,6 @@ def run(study: Study, out: Path, log: Callable[[str], None] = print) -> None:
         log(f"[{study.recipe} seed {seed}] model ready in {time.perf_counter() - t0:.0f}s")
         full = h.evaluate(surgeon, h.Batches(recipe.test, 256, False), recipe)
         costs = cost_model(surgeon)
-        loader = h.Batches(recipe.train, study.batch_size, True, seed + 3)
         scores: dict[str, Any] = {}
         tp_cache: dict[tuple[str, str], dict[float, torch.nn.Module]] = {}
         for v, b, t in todo:
@@ -196,9 +211,7 @@ def run(study: Study, out: Path, log: Callable[[str], None] = print) -> None:
                 frac = float(route.rs_flops_fraction)
             else:
                 if crit not in scores:
-                    scores[crit] = (criterion_scores(surgeon, crit, loader, h.loss_fns(recipe),
-                                                     batches=study.score_batches, seed=seed)
-                                    if crit in DATA_CRITERIA or crit == "random" else crit)
+                    scores[crit] = scores_of(surgeon, crit, recipe, study, seed)
                 exported = surgeon.export_routes(scores=scores[crit], select=select,
                                                  budget_flops=b, tasks=[t])[t]
                 frac = costs.cost("flops", exported.meta["routesurgeon"].mask.pruned,

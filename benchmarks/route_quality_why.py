@@ -36,13 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import harness as h
 import route_quality as rq
 
-import routesurgeon as rs
-from routesurgeon.criteria import DATA_CRITERIA, criterion_scores
-
 
 def measure(a: argparse.Namespace) -> None:
     study = replace(rq.Study(), recipe=a.recipe, n_train=a.n_train, n_test=a.n_test,
-                    epochs=a.epochs, finetune_steps=a.finetune_steps, reconstruct=True)
+                    epochs=a.epochs, finetune_steps=a.finetune_steps, reconstruct=True,
+                    score_batches=a.score_batches)
     recipe = rq.make_recipe(study)
     cfg = rq.run_config(study)
     ft_cfg = replace(cfg, max_batches=study.finetune_steps, lr=a.finetune_lr or cfg.lr)
@@ -52,18 +50,13 @@ def measure(a: argparse.Namespace) -> None:
         if not cache.exists():
             raise SystemExit(f"no cached model {cache}: run benchmarks/route_quality.py first")
         surgeon = rq.trained_surgeon(recipe, study, seed, cache)
-        # data criteria scored as route_quality.py scores them (same batches, same seed)
-        loader = h.Batches(recipe.train, study.batch_size, True, seed + 3)
-        scores = {v: (criterion_scores(surgeon, v, loader, h.loss_fns(recipe),
-                                       batches=a.score_batches, seed=seed)
-                      if v in DATA_CRITERIA or v == "random" else v) for v in a.variants}
+        scores = {v: rq.scores_of(surgeon, v, recipe, study, seed) for v in a.variants}
         for t in recipe.tasks:
             key = rq._primary(recipe, t)
             full = h.evaluate(surgeon, test, recipe, tasks=[t])[key]
             for v in a.variants:
                 route = surgeon.export_routes(scores=scores[v], budget_flops=a.budget, tasks=[t])[t]
-                fitted = rs.reconstruct(copy.deepcopy(route), surgeon, h.Batches(
-                    recipe.train, study.batch_size, True, seed + 7), batches=study.recal_batches)
+                fitted = rq.refit(route, surgeon, recipe, study, seed)
                 with torch.no_grad():
                     grow = [float(m.weight.norm() / route.get_submodule(n).weight.norm())
                             for n, m in fitted.named_modules()
